@@ -1,0 +1,5 @@
+"""`python -m async_grpo` is the `async-grpo` console script."""
+
+from async_grpo.cli import main
+
+raise SystemExit(main())
