@@ -37,6 +37,7 @@ class ModelConfig(_Section):
     preset: str | None = "tiny"  # name in model.presets when no path is given
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     vocab_size: int | None = None  # presets only: overrides the preset's vocabulary (set by the task)
+    init_seed: int = 0  # presets only: seed of the random init (learner and workers draw the same weights)
 
 
 class KVConfig(_Section):
@@ -86,6 +87,7 @@ class AdvantageConfig(_Section):
 
     std_normalize: bool = True  # False: Dr.GRPO (mean-centred only)
     filter_zero_variance: bool = False  # DAPO dynamic sampling
+    eps: float = Field(1e-6, ge=0)  # added to the group std before dividing
 
 
 class LearnerConfig(_Section):
@@ -102,6 +104,11 @@ class LearnerConfig(_Section):
     samples_per_step: int = Field(64, ge=1)  # trajectories consumed per optimiser step
     micro_batch_tokens: int = Field(8192, ge=1)  # token budget of one micro-batch
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)  # cosine/linear decay ends at lr * min_lr_ratio
+    decay_steps: int | None = Field(None, ge=1)  # schedule length; default trainer.max_steps
+    optimizer: Literal["auto", "torch_adamw", "fused_adam"] = "auto"  # auto: FusedAdam on GPU
+    gradient_checkpointing: bool = False  # recompute layer activations in backward
+    pad_token_id: int = Field(0, ge=0)  # fills right padding; masked out of the loss
     loss: LossConfig = Field(default_factory=LossConfig)
     advantage: AdvantageConfig = Field(default_factory=AdvantageConfig)
 
@@ -144,7 +151,7 @@ class TransportConfig(_Section):
 class TaskConfig(_Section):
     """Prompt source and reward."""
 
-    name: str = "sort"  # sort | math | jsonl
+    name: Literal["sort", "math", "jsonl"] = "sort"
     path: str | None = None  # JSONL/Parquet prompt file
     prompt_field: str = "question"
     answer_field: str = "answer"

@@ -1,0 +1,283 @@
+"""Shared-prefix ("cascade") decode attention: the G samples of a prompt read its KV once.
+
+With prefix sharing, the live samples of one GRPO group point at the same full prompt blocks; only
+their last partial prompt block (copied on fork) and their completion blocks are their own. The plain
+paged kernel would load the shared prompt blocks once per sample. This module splits attention over
+the two disjoint token sets and merges them exactly:
+
+1. prefix kernel, one program per (group, row tile, KV head, split): the rows are
+   (live samples of the group) x (query heads of the KV head), so each prompt K/V tile is loaded once
+   and scored by one `[rows, D] x [D, BLOCK_N]` tensor-core dot for all of them;
+2. the plain paged kernel over each sample's own blocks (tail + completion), writing its partials
+   into the same buffer;
+3. an exact log-sum-exp merge of all partials: done by the suffix kernel itself when each sample's
+   own tokens are one split (the usual case), else by `merge_attention_partials`.
+
+The engine passes only live sequences, so a group may have any number of live samples from 1 to G
+(or none, then its programs exit at once); `seq_group` says which group each live sequence is in,
+and a `GroupLayout` built from it once per step serves every layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from async_grpo.kv.triton_paged import (
+    DEFAULT_BLOCK_N,
+    DEFAULT_SM_COUNT,
+    LOG2E,
+    dot_precision,
+    upcast_dots,
+    attend_token_range,
+    check_paged_inputs,
+    check_table,
+    choose_num_splits,
+    finish_partial,
+    launch_paged_splits,
+    merge_attention_partials,
+    sm_count,
+    split_range,
+)
+
+# 128 rows hold G=16 samples x 7-8 query heads per KV head (Qwen2-0.5B: 14 q / 2 kv heads) in one tile.
+MAX_TILE_ROWS = 128
+# Prompt tokens per tile of the prefix kernel and its warps for 128-row tiles (tuned on H200).
+PREFIX_BLOCK_N = 64
+PREFIX_NUM_WARPS = 8
+
+
+@triton.jit
+def _shared_prefix_kernel(
+    q_ptr,
+    k_cache,
+    v_cache,
+    prefix_tables,
+    prefix_lens,
+    group_order,  # [B] live sequence ids sorted by group
+    group_starts,  # [Ngroups] first index of each group in group_order
+    group_counts,  # [Ngroups] live samples of each group
+    out_ptr,  # [B, Hq, S_total, D] partials
+    lse_ptr,  # [B, Hq, S_total]
+    qk_scale_log2,
+    num_splits,
+    row_tiles,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_pt,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_lb,
+    stride_lh,
+    stride_ls,
+    HEAD_DIM: tl.constexpr,
+    GQ: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    group = tl.program_id(0) // row_tiles
+    tile = tl.program_id(0) % row_tiles
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    count = tl.load(group_counts + group)
+    if tile * ROWS < count * GQ:
+        first = tl.load(group_starts + group)
+        rows = tile * ROWS + tl.arange(0, ROWS)
+        sample = rows // GQ
+        heads = kv_head * GQ + rows % GQ
+        row_live = sample < count
+        seq = tl.load(group_order + first + sample, mask=row_live, other=0).to(tl.int64)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < HEAD_DIM
+        row_mask = row_live[:, None] & mask_d[None, :]
+        q = tl.load(
+            q_ptr + seq[:, None] * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=row_mask, other=0.0
+        )  # [ROWS, BLOCK_D]: (sample, head) rows of this group and KV head
+        if UPCAST:
+            q = q.to(tl.float32)
+        plen = tl.load(prefix_lens + group)
+        start, end = split_range(plen, split, num_splits, BLOCK_N)
+        acc, m_i, l_i = attend_token_range(
+            q, k_cache, v_cache, prefix_tables + group.to(tl.int64) * stride_pt, start, end, kv_head,
+            stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, qk_scale_log2, offs_d, mask_d,
+            ROWS, BLOCK_N, PAGE, BLOCK_D, DOT_PRECISION, UPCAST,
+        )
+        out, lse = finish_partial(acc, m_i, l_i)
+        tl.store(
+            out_ptr + seq[:, None] * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :],
+            out,
+            mask=row_mask,
+        )
+        tl.store(lse_ptr + seq * stride_lb + heads * stride_lh + split * stride_ls, lse, mask=row_live)
+
+
+@dataclass(frozen=True)
+class GroupLayout:
+    """Live sequences sorted by group: what the prefix kernel needs to find a group's rows.
+
+    Built once per decode step and reused by every layer (from a host list it costs no GPU work).
+    """
+
+    order: torch.Tensor  # int32 [B]: live sequence ids, group by group
+    starts: torch.Tensor  # int32 [Ngroups]: first index of each group in `order`
+    counts: torch.Tensor  # int32 [Ngroups]: live samples of each group
+    max_live: int  # largest count: sizes the row tiles
+
+    @property
+    def num_groups(self) -> int:
+        return self.counts.shape[0]
+
+    @property
+    def num_seqs(self) -> int:
+        return self.order.shape[0]
+
+    @classmethod
+    def build(
+        cls, seq_group: Sequence[int] | torch.Tensor, num_groups: int, device: torch.device | str | None = None
+    ) -> "GroupLayout":
+        """From each live sequence's group index (a host list, or a tensor: then one device sync)."""
+        if isinstance(seq_group, torch.Tensor):
+            if seq_group.dim() != 1 or seq_group.dtype not in (torch.int32, torch.int64):
+                raise ValueError(
+                    f"GroupLayout: seq_group has shape {tuple(seq_group.shape)} dtype {seq_group.dtype}: "
+                    "expected int32/int64 [B]"
+                )
+            if seq_group.numel() and not (0 <= int(seq_group.min()) and int(seq_group.max()) < num_groups):
+                raise ValueError(f"GroupLayout: seq_group values must lie in [0, {num_groups})")
+            order = torch.argsort(seq_group, stable=True).to(torch.int32)  # [B]
+            counts = torch.zeros(num_groups, dtype=torch.int64, device=seq_group.device)  # [Ngroups]
+            counts.scatter_add_(0, seq_group.long(), torch.ones_like(seq_group, dtype=torch.int64))
+            starts = torch.cumsum(counts, 0) - counts  # [Ngroups]
+            max_live = int(counts.max()) if num_groups else 0
+            return cls(order, starts.to(torch.int32), counts.to(torch.int32), max_live)
+        groups = [int(g) for g in seq_group]
+        bad = [g for g in groups if not 0 <= g < num_groups]
+        if bad:
+            raise ValueError(f"GroupLayout: group index {bad[0]} is outside [0, {num_groups})")
+        counts_list = [0] * num_groups
+        for g in groups:
+            counts_list[g] += 1
+        starts_list, total = [], 0
+        for c in counts_list:
+            starts_list.append(total)
+            total += c
+        order_list = sorted(range(len(groups)), key=groups.__getitem__)  # stable
+        flat = torch.tensor(order_list + starts_list + counts_list, dtype=torch.int32)  # one transfer
+        flat = flat.to(device, non_blocking=True) if device is not None else flat
+        B = len(groups)
+        return cls(flat[:B], flat[B : B + num_groups], flat[B + num_groups :], max(counts_list, default=0))
+
+
+def shared_prefix_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    prefix_block_tables: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    seq_group: torch.Tensor | GroupLayout,
+    suffix_block_tables: torch.Tensor,
+    suffix_lens: torch.Tensor,
+    scale: float,
+    *,
+    prefix_splits: int | None = None,
+    suffix_splits: int | None = None,
+    return_lse: bool = False,
+    block_n: int = DEFAULT_BLOCK_N,
+    prefix_block_n: int = PREFIX_BLOCK_N,
+    max_tile_rows: int = MAX_TILE_ROWS,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention of live sequences whose context is a group's shared prefix plus their own suffix.
+
+    q [B, Hq, D]; caches [num_blocks, block_size, Hkv, D]; prefix_block_tables int32 [Ngroups, P] and
+    prefix_lens int32 [Ngroups] (the shared full prompt blocks, tokens [0, prefix_len)); seq_group: the
+    group of each live sequence, int32/int64 [B], or a GroupLayout built from it once per step;
+    suffix_block_tables int32 [B, S] and suffix_lens int32 [B] (each sequence's own tokens after the
+    prefix, the new token included). Returns out [B, Hq, D] (and the natural-log LSE fp32 [B, Hq] with
+    return_lse), equal to paged attention over prefix + suffix. Splits default from the work against
+    the SM count; with one suffix split the suffix kernel merges the prefix partials itself.
+    """
+    where = "shared_prefix_decode_attention"
+    B, Hq, Hkv, D, page = check_paged_inputs(q, k_cache, v_cache, where)
+    if prefix_block_tables.dim() != 2:
+        raise ValueError(
+            f"{where}: prefix block table has shape {tuple(prefix_block_tables.shape)}: expected [Ngroups, P]"
+        )
+    num_groups = prefix_block_tables.shape[0]
+    check_table(prefix_block_tables, prefix_lens, num_groups, "prefix", where)
+    check_table(suffix_block_tables, suffix_lens, B, "suffix", where)
+    for name, value in (("block_n", block_n), ("prefix_block_n", prefix_block_n), ("max_tile_rows", max_tile_rows)):
+        if value < 16 or value & (value - 1):
+            raise ValueError(f"{where}: {name} = {value}: expected a power of two >= 16")
+    if isinstance(seq_group, torch.Tensor):
+        if seq_group.shape != (B,):
+            raise ValueError(f"{where}: seq_group has shape {tuple(seq_group.shape)}: expected [{B}]")
+        layout = GroupLayout.build(seq_group, num_groups)
+    else:
+        layout = seq_group
+    if layout.num_seqs != B or layout.num_groups != num_groups:
+        raise ValueError(
+            f"{where}: group layout covers {layout.num_seqs} sequences in {layout.num_groups} groups: "
+            f"expected {B} in {num_groups}"
+        )
+    out = torch.empty_like(q)  # [B, Hq, D]
+    lse = torch.empty(B, Hq, device=q.device, dtype=torch.float32)  # [B, Hq]
+    if B == 0:
+        return (out, lse) if return_lse else out
+
+    gq = Hq // Hkv
+    rows_needed = layout.max_live * gq
+    rows = min(max_tile_rows, max(16, triton.next_power_of_2(rows_needed)))
+    row_tiles = triton.cdiv(rows_needed, rows)
+    num_sms = sm_count(q.device.index) if q.device.type == "cuda" else DEFAULT_SM_COUNT
+    if prefix_splits is None:
+        prefix_splits = choose_num_splits(num_groups * row_tiles * Hkv, prefix_block_tables.shape[1] * page, num_sms)
+    if suffix_splits is None:
+        suffix_splits = choose_num_splits(B * Hkv, suffix_block_tables.shape[1] * page, num_sms)
+    if prefix_splits < 1 or suffix_splits < 1:
+        raise ValueError(f"{where}: prefix_splits = {prefix_splits}, suffix_splits = {suffix_splits}: expected >= 1")
+
+    # With one suffix split the suffix kernel folds the prefix partials in; else all partials share one buffer.
+    total_splits = prefix_splits + (suffix_splits if suffix_splits > 1 else 0)
+    part_out = torch.empty(B, Hq, total_splits, D, device=q.device, dtype=torch.float32)  # [B, Hq, Sp (+ Ss), D]
+    part_lse = torch.empty(B, Hq, total_splits, device=q.device, dtype=torch.float32)  # [B, Hq, Sp (+ Ss)]
+    _shared_prefix_kernel[(num_groups * row_tiles, Hkv, prefix_splits)](
+        q, k_cache, v_cache, prefix_block_tables, prefix_lens, layout.order, layout.starts, layout.counts,
+        part_out, part_lse,
+        scale * LOG2E, prefix_splits, row_tiles,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        prefix_block_tables.stride(0),
+        part_out.stride(0), part_out.stride(1), part_out.stride(2),
+        part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
+        HEAD_DIM=D, GQ=gq, ROWS=rows, BLOCK_N=prefix_block_n, PAGE=page,
+        BLOCK_D=max(16, triton.next_power_of_2(D)), DOT_PRECISION=dot_precision(q.dtype),
+        UPCAST=upcast_dots(q.dtype), num_warps=PREFIX_NUM_WARPS if rows > 64 else 4, num_stages=2,
+    )
+    if suffix_splits == 1:
+        launch_paged_splits(
+            q, k_cache, v_cache, suffix_block_tables, suffix_lens, scale, 1, out.unsqueeze(2), lse.unsqueeze(2),
+            block_n=block_n, merge_from=(part_out, part_lse),
+        )
+    else:
+        launch_paged_splits(
+            q, k_cache, v_cache, suffix_block_tables, suffix_lens, scale, suffix_splits, part_out, part_lse,
+            split_offset=prefix_splits, block_n=block_n,
+        )
+        merge_attention_partials(part_out, part_lse, out, lse)
+    return (out, lse) if return_lse else out

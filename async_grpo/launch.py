@@ -1,0 +1,135 @@
+"""Roles and process groups of one job, read from the torchrun environment.
+
+Ranks [0, L) are the learner (DeepSpeed's data-parallel world); the remaining ranks form rollout worker
+groups of `workers.tp_size` consecutive ranks. Every rank creates every group in the same order (torch
+requires all ranks to take part in each `new_group` call), then keeps the ones it belongs to:
+
+    learner_group   ranks [0, L)
+    tp_group[g]     the ranks of worker group g
+    sync-g          learner rank 0 + the ranks of worker group g (weight broadcasts; transport/sync_groups.py)
+
+`plan_layout` checks the shape of the job against the config before any process group starts, so a bad
+`learner.num_ranks` or `workers.tp_size` is a ConfigError (exit 2), not a hang.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from async_grpo.config import ConfigError, RunConfig
+from async_grpo.transport.sync_groups import make_sync_groups
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The shape of the job: which ranks do what. Pure data, computed identically on every rank."""
+
+    world_size: int
+    num_learner_ranks: int
+    tp_size: int
+
+    @property
+    def num_worker_groups(self) -> int:
+        return (self.world_size - self.num_learner_ranks) // self.tp_size
+
+    def worker_group_ranks(self, group: int) -> list[int]:
+        start = self.num_learner_ranks + group * self.tp_size
+        return list(range(start, start + self.tp_size))
+
+    def worker_group_of(self, rank: int) -> int | None:
+        if rank < self.num_learner_ranks:
+            return None
+        return (rank - self.num_learner_ranks) // self.tp_size
+
+
+def plan_layout(cfg: RunConfig, world_size: int) -> Layout:
+    """Check that `world_size` processes can hold the configured learner and worker groups."""
+    learners, tp = cfg.learner.num_ranks, cfg.workers.tp_size
+    if learners >= world_size:
+        raise ConfigError(
+            "learner.num_ranks", learners,
+            f"fewer than the world size ({world_size} processes), so that at least one worker group remains",
+        )
+    if (world_size - learners) % tp != 0:
+        raise ConfigError(
+            "workers.tp_size", tp,
+            f"a divisor of the {world_size - learners} worker ranks (world {world_size} - {learners} learner ranks)",
+        )
+    return Layout(world_size=world_size, num_learner_ranks=learners, tp_size=tp)
+
+
+def local_world_size(cfg: RunConfig) -> int:
+    """World size of a job launched locally without torchrun: learner ranks + num_workers groups of tp_size."""
+    return cfg.learner.num_ranks + cfg.num_workers * cfg.workers.tp_size
+
+
+def under_torchrun() -> bool:
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def pick_device(requested: str, local_rank: int, share_gpu: bool) -> torch.device:
+    """`auto` takes this node's GPU `local_rank` (or GPU 0 when all roles share one), else the CPU."""
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("device", requested, "a machine with a CUDA device (none is visible)")
+    index = 0 if share_gpu else local_rank % torch.cuda.device_count()
+    return torch.device("cuda", index)
+
+
+@dataclass
+class Groups:
+    """This rank's view of the job's process groups."""
+
+    rank: int
+    layout: Layout
+    learner_group: dist.ProcessGroup | None = None
+    tp_group: dist.ProcessGroup | None = None
+    worker_group: int | None = None
+    # by name ("sync-g"): learner rank 0 holds every sync group, a worker rank its own one
+    sync_groups: dict[str, dist.ProcessGroup] = field(default_factory=dict)
+
+    @property
+    def is_learner(self) -> bool:
+        return self.rank < self.layout.num_learner_ranks
+
+    @property
+    def tp_rank(self) -> int:
+        assert self.worker_group is not None
+        return self.rank - self.layout.worker_group_ranks(self.worker_group)[0]
+
+
+def init_groups(layout: Layout, *, use_cuda: bool, sync_backend: str, timeout_s: float) -> Groups:
+    """Initialise torch.distributed from the torchrun environment and create every group, in one order.
+
+    On GPU the default backend is `cpu:gloo,cuda:nccl`, so CPU-side control tensors and CUDA payloads both
+    work; `sync_backend` is "gloo" when the learner and a worker share one GPU (NCCL cannot hold two ranks
+    on one device). Every collective inherits `timeout_s`: a peer that never joins fails, never hangs.
+    """
+    timeout = datetime.timedelta(seconds=timeout_s)
+    backend = "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, timeout=timeout)
+    rank = dist.get_rank()
+    groups = Groups(rank=rank, layout=layout, worker_group=layout.worker_group_of(rank))
+
+    learner_ranks = list(range(layout.num_learner_ranks))
+    group = dist.new_group(learner_ranks, timeout=timeout, backend=backend)
+    if rank in learner_ranks:
+        groups.learner_group = group
+
+    for g in range(layout.num_worker_groups):
+        ranks = layout.worker_group_ranks(g)
+        group = dist.new_group(ranks, timeout=timeout, backend=backend)
+        if rank in ranks:
+            groups.tp_group = group
+
+    # Sync groups come last and with their own backend (gloo when learner and workers share a GPU).
+    groups.sync_groups = make_sync_groups(layout.world_size, layout.num_learner_ranks, layout.tp_size,
+                                          sync_backend, timeout)
+    return groups

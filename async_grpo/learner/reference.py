@@ -1,0 +1,51 @@
+"""The frozen reference policy for the KL term: a copy of the initial policy, never trained.
+
+`reference_device` = "same": on the learner's device; under ZeRO-3 it is sharded like the policy (a
+DeepSpeed engine with ZeRO-3 and no optimiser, so every learner rank holds 1/L of it and gathers
+layer by layer in forward, in step with its peers). "cpu": a full fp32 copy on the host (frees
+accelerator memory at the cost of a slow forward). Built only when `loss.kl_beta > 0`.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from async_grpo.model.logprobs import token_logprobs
+
+
+class ReferencePolicy:
+    """Log-probabilities of the targets under the frozen initial policy."""
+
+    def __init__(self, policy: nn.Module, placement: str, device: torch.device, zero_stage: int,
+                 mpu: Any | None, temperature: float):
+        if placement not in ("same", "cpu"):
+            raise ValueError(f"loss.reference_device = {placement!r}: expected 'same' or 'cpu'")
+        frozen = copy.deepcopy(policy).eval()
+        for p in frozen.parameters():
+            p.requires_grad_(False)
+        self.temperature = temperature
+        self.device = torch.device("cpu") if placement == "cpu" else device
+        if placement == "same" and zero_stage == 3:
+            import deepspeed
+
+            config = {
+                "train_micro_batch_size_per_gpu": 1,
+                "bf16": {"enabled": device.type == "cuda"},
+                "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                                      "stage3_prefetch_bucket_size": 0},
+                "steps_per_print": 10**9,
+            }
+            self.module, *_ = deepspeed.initialize(model=frozen, config=config, mpu=mpu, dist_init_required=False)
+        else:
+            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+            self.module = frozen.to(device=self.device, dtype=dtype)
+
+    @torch.no_grad()
+    def logprobs(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """input_ids, targets [B, S] -> fp32 [B, S] on the caller's device."""
+        logits = self.module(input_ids.to(self.device))  # [B, S, V]
+        return token_logprobs(logits, targets.to(self.device), self.temperature).to(input_ids.device)

@@ -1,0 +1,300 @@
+"""The trajectory stream: rollout workers PUSH encoded trajectories, the learner PULLs them.
+
+`TrajectoryStream` (one per worker) sends each `push` as one multipart message (a whole group when
+given a list). ZeroMQ's send high-water mark gives back-pressure: when the learner falls behind, the
+worker's queue fills and `push` either waits (`on_full="block"`, in short polls so a timeout or a
+closed learner is noticed) or drops the message and counts it (`on_full="drop"`). The socket uses
+`immediate`, so nothing queues for a learner that is not connected, and ZeroMQ reconnects by itself.
+
+`TrajectoryReceiver` (the learner) binds a PULL socket; one background thread receives, validates
+(codec.decode) and puts trajectories on a bounded queue. A malformed message is counted as
+rejected and dropped, never raised. When the queue is full the thread either stops reading
+("block": the socket's buffers fill and the workers feel the back-pressure) or drops and counts.
+Memory on both sides is bounded by the high-water marks, the queue size and `max_message_mb`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import zmq
+
+from async_grpo.config import TransportConfig
+from async_grpo.transport.codec import MalformedMessage, decode, encode, encoded_nbytes
+from async_grpo.transport.curve import make_curve_client, make_curve_server, start_authenticator
+from async_grpo.transport.trajectory import Trajectory
+from async_grpo.transport.trajectory_queue import BoundedBatchQueue
+
+log = logging.getLogger(__name__)
+
+_POLL_MS = 100  # how often blocked loops look at their deadline and stop flag
+_DRAIN_BATCH = 64  # messages handled per poll() before the stop flag is looked at again
+_HEADER_ALLOWANCE = 0.9  # share of max_message_mb given to tensor bytes when splitting a push
+
+
+class PushTimeout(TimeoutError):
+    """`push` waited `timeout` seconds for room in the send queue (on_full="block")."""
+
+
+@dataclass
+class StreamCounters:
+    """Worker-side totals: trajectories sent or dropped, messages, payload bytes, seconds blocked."""
+
+    sent: int = 0
+    dropped: int = 0
+    messages: int = 0
+    bytes: int = 0
+    blocked_s: float = 0.0
+
+
+@dataclass
+class ReceiverCounters:
+    """Learner-side totals.
+
+    received, rejected: messages (a message may hold several trajectories);
+    accepted, dropped_full, delivered: trajectories (decoded; shed on a full queue; handed to get()).
+    """
+
+    received: int = 0
+    rejected: int = 0
+    accepted: int = 0
+    dropped_full: int = 0
+    delivered: int = 0
+
+
+class TrajectoryStream:
+    """Worker side: a PUSH socket connected to the learner's trajectory endpoint."""
+
+    def __init__(self, endpoint: str, cfg: TransportConfig, linger_ms: int = 1000):
+        if not endpoint.startswith("tcp://"):
+            raise ValueError(f"trajectory endpoint {endpoint!r}: expected 'tcp://host:port'")
+        self.endpoint = endpoint
+        self.on_full: Literal["block", "drop"] = cfg.on_full
+        self.counters = StreamCounters()
+        self._max_payload = int(cfg.max_message_mb * 2**20 * _HEADER_ALLOWANCE)
+        self._context = zmq.Context()
+        self._socket = self._context.socket(zmq.PUSH)
+        self._socket.sndhwm = cfg.send_hwm
+        # A bounded linger: queued trajectories get a moment to flush at close, but close never hangs.
+        self._socket.linger = linger_ms
+        self._socket.immediate = True
+        if cfg.curve.enabled:
+            make_curve_client(self._socket, cfg.curve)
+        self._socket.connect(endpoint)
+
+    def push(self, items: Trajectory | Sequence[Trajectory], timeout: float | None = None) -> bool:
+        """Send trajectories; True when sent, False when dropped (on_full="drop").
+
+        With on_full="block", waits for room up to `timeout` seconds (None: as long as it takes)
+        and raises PushTimeout after that. A list is sent as few messages as `max_message_mb` allows.
+        """
+        trajs = [items] if isinstance(items, Trajectory) else list(items)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        sent_all = True
+        for chunk in self._chunks(trajs):
+            sent_all &= self._send(chunk, deadline, timeout)
+        return sent_all
+
+    def _chunks(self, trajs: list[Trajectory]) -> list[list[Trajectory]]:
+        chunks: list[list[Trajectory]] = []
+        size = 0
+        for traj in trajs:
+            nbytes = encoded_nbytes(traj)
+            if nbytes > self._max_payload:
+                raise ValueError(
+                    f"trajectory of {traj.num_tokens} tokens needs {nbytes} bytes: expected at most "
+                    f"{self._max_payload} (raise transport.max_message_mb)"
+                )
+            if not chunks or size + nbytes > self._max_payload:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(traj)
+            size += nbytes
+        return chunks
+
+    def _send(self, chunk: list[Trajectory], deadline: float | None, timeout: float | None) -> bool:
+        frames = encode(chunk)
+        started = time.monotonic()
+        try:
+            while True:
+                try:
+                    self._socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                    break
+                except zmq.Again:
+                    if self.on_full == "drop":
+                        self.counters.dropped += len(chunk)
+                        return False
+                    wait_ms = _POLL_MS
+                    if deadline is not None:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            raise PushTimeout(
+                                f"push to {self.endpoint} found no room for {timeout} s "
+                                f"(send_hwm full or learner not connected)"
+                            ) from None
+                        wait_ms = max(1, min(_POLL_MS, int(left * 1000)))
+                    self._socket.poll(wait_ms, zmq.POLLOUT)
+        finally:
+            self.counters.blocked_s += time.monotonic() - started
+        self.counters.sent += len(chunk)
+        self.counters.messages += 1
+        self.counters.bytes += sum(memoryview(f).nbytes for f in frames)
+        return True
+
+    def close(self) -> None:
+        """Close the socket (waiting at most the linger time for queued messages)."""
+        if not self._socket.closed:
+            self._socket.close()
+            self._context.term()
+
+    def __enter__(self) -> "TrajectoryStream":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class TrajectoryReceiver:
+    """Learner side: a PULL socket bound to host:port and a thread that fills a bounded queue."""
+
+    def __init__(self, cfg: TransportConfig, host: str = "127.0.0.1", port: int | None = None):
+        self.on_full: Literal["block", "drop"] = cfg.on_full
+        self.max_message_bytes = int(cfg.max_message_mb * 2**20)
+        self.last_rejection: str | None = None
+        self._counters = ReceiverCounters()
+        self._lock = threading.Lock()
+        self._queue: BoundedBatchQueue[Trajectory] = BoundedBatchQueue(cfg.queue_size)
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._context = zmq.Context()
+        self._auth = start_authenticator(self._context, cfg.curve) if cfg.curve.enabled else None
+        self._socket = self._context.socket(zmq.PULL)
+        self._socket.rcvhwm = cfg.recv_hwm
+        self._socket.linger = 0
+        # Refuse any single frame above the message limit inside ZeroMQ, before it is buffered.
+        self._socket.maxmsgsize = self.max_message_bytes
+        if cfg.curve.enabled:
+            make_curve_server(self._socket, cfg.curve)
+        port = cfg.port if port is None else port
+        try:
+            if port == 0:
+                self.port = self._socket.bind_to_random_port(f"tcp://{host}")
+            else:
+                self._socket.bind(f"tcp://{host}:{port}")
+                self.port = port
+        except zmq.ZMQError as err:
+            self._shutdown_context()
+            raise ValueError(f"cannot bind the trajectory receiver to tcp://{host}:{port}: {err}") from None
+        self.host = host
+        self.endpoint = f"tcp://{host}:{self.port}"
+        self._thread = threading.Thread(target=self._run, name="trajectory-receiver", daemon=True)
+        self._thread.start()
+
+    def counters(self) -> ReceiverCounters:
+        """A consistent snapshot of the counters."""
+        with self._lock:
+            return ReceiverCounters(**vars(self._counters))
+
+    @property
+    def depth(self) -> int:
+        """Trajectories waiting in the queue."""
+        return len(self._queue)
+
+    def get(self, timeout: float | None = None) -> Trajectory | None:
+        """The next trajectory, or None when none arrived within `timeout` seconds (None: wait forever)."""
+        batch = self._take(1, timeout, wait_for_all=False)
+        return batch[0] if batch else None
+
+    def get_batch(self, n: int, timeout: float) -> list[Trajectory]:
+        """Up to `n` trajectories: returns as soon as `n` are there, or what arrived within `timeout` s."""
+        if n < 1:
+            raise ValueError(f"get_batch(n={n}): expected n >= 1")
+        deadline = time.monotonic() + timeout
+        batch = self._take(n, timeout, wait_for_all=True)
+        # A queue smaller than n hands the batch over in several takes.
+        while len(batch) < n and time.monotonic() < deadline:
+            more = self._take(n - len(batch), deadline - time.monotonic(), wait_for_all=True)
+            if not more:
+                break
+            batch.extend(more)
+        return batch
+
+    def _take(self, n: int, timeout: float | None, wait_for_all: bool) -> list[Trajectory]:
+        batch = self._queue.take(n, timeout, wait_for_all)
+        if batch:
+            with self._lock:
+                self._counters.delivered += len(batch)
+        else:
+            self._raise_if_dead()
+        return batch
+
+    def _raise_if_dead(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"trajectory receiver on {self.endpoint} stopped: {self._error!r}") from self._error
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if self._socket.poll(_POLL_MS):
+                    self._drain()
+        except BaseException as err:  # kept for get() to raise: a dead receiver must not look idle
+            self._error = err
+        finally:
+            self._socket.close(linger=0)
+
+    def _drain(self) -> None:
+        """Handle the messages already waiting (up to a batch) without a poll call per message."""
+        for _ in range(_DRAIN_BATCH):
+            try:
+                frames = self._socket.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            with self._lock:
+                self._counters.received += 1
+            try:
+                trajs = decode(frames, self.max_message_bytes)
+            except MalformedMessage as err:
+                self._reject(err)
+                continue
+            del frames
+            with self._lock:
+                self._counters.accepted += len(trajs)
+            if self.on_full == "block":
+                if not self._queue.put_all(trajs, self._stop.is_set):  # meanwhile the socket is not read
+                    return
+            else:
+                shed = self._queue.put_available(trajs)
+                if shed:
+                    with self._lock:
+                        self._counters.dropped_full += shed
+
+    def _reject(self, err: MalformedMessage) -> None:
+        with self._lock:
+            self._counters.rejected += 1
+            rejected = self._counters.rejected
+        self.last_rejection = str(err)
+        if rejected <= 10 or rejected % 1000 == 0:
+            log.warning("rejected trajectory message #%d on %s: %s", rejected, self.endpoint, err)
+
+    def _shutdown_context(self) -> None:
+        if self._auth is not None:
+            self._auth.stop()
+        self._context.destroy(linger=0)
+
+    def close(self) -> None:
+        """Stop the thread and close the socket; queued trajectories stay readable."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._shutdown_context()
+
+    def __enter__(self) -> "TrajectoryReceiver":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

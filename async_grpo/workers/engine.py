@@ -1,0 +1,273 @@
+"""The rollout engine: batched generation of n samples per prompt through the paged KV pool.
+
+`GenerationEngine.generate(prompts, n, params)` runs steps until every sample is done:
+
+- prefill step: every newly admitted prompt in one varlen forward (each prompt once); the last
+  position's logits are sampled n times and the prompt's K/V forked into the n samples (full blocks
+  shared, tail copied);
+- decode step: every live sample in one batched forward, each feeding the tokens the pool does not
+  hold yet (one, except right after a weight update).
+
+After a forward, tokens are sampled for all rows at once and the stop test (stop ids, length) runs
+on the device; the step's tokens, logprobs and stop flags then come back in one transfer, the only
+sync of the step. Finished samples free their blocks at once; waiting prompts enter as room appears
+(admission: workers/scheduler.py).
+
+Tensor parallelism and weight updates share one control point per step: every rank of `tp_group`
+all_reduces (MAX) `[has_live, is_done, new_weights, stop]` before each step. All ranks therefore leave on
+the same step; when any rank saw new weights, all call `control.on_new_weights()` on that step, the
+pool is invalidated and the live samples are prefilled again under the new weights (prompt once,
+then their own tokens). If ranks disagree about being done (possible only when their inputs differ),
+all leave together and the unfinished samples end with finish_reason "abort".
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+
+from async_grpo.config import KVConfig, SamplingConfig
+from async_grpo.kv.backend import select_backend, step_attention
+from async_grpo.kv.pool import KVPool, KVPoolStats
+from async_grpo.kv.step_metadata import StepMetadata
+from async_grpo.workers.sampling import make_generator, sample_tokens
+from async_grpo.workers.scheduler import Scheduler, StepPlan
+from async_grpo.workers.sequence import Completion, Sequence, SequenceGroup
+
+__all__ = ["Completion", "DecodeControl", "GenerationEngine", "GenerationStats"]
+
+
+class DecodeControl(Protocol):
+    """The worker's hook into the decode loop for weight updates.
+
+    Two optional members are honoured when present: `version` (int, the version of the weights the
+    model holds; read at the start of `generate`, so weights loaded between calls are recorded), and
+    `poll_stop() -> bool` (non-blocking: end the generation now; the unfinished samples end "abort"
+    and `engine.stopped` is set). Both are agreed across tensor-parallel ranks like the weights flag.
+    """
+
+    def poll_new_weights(self) -> bool:
+        """Non-blocking: are new weights waiting to be received?"""
+        ...
+
+    def on_new_weights(self) -> int:
+        """Receive and load the new weights into the model (every TP rank, same step); return their version."""
+        ...
+
+
+@dataclass(slots=True)
+class GenerationStats:
+    """Counters of the last `generate` call."""
+
+    prompt_tokens: int = 0  # distinct prompts' tokens
+    generated_tokens: int = 0  # completion tokens returned
+    prefill_tokens: int = 0  # tokens fed by prefill steps, re-prefills included
+    steps: int = 0
+    weight_updates: int = 0
+    peak_blocks_in_use: int = 0
+
+
+class GenerationEngine:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_cfg: KVConfig,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        tp_group: dist.ProcessGroup | None = None,
+    ):
+        self.model = model
+        self.args = model.args
+        self.device = torch.device(device)
+        self.tp_group = tp_group
+        self.backend = select_backend(kv_cfg.attention, self.device, kv_cfg.block_size)
+        self.pool = KVPool(
+            kv_cfg, model.num_layers, model.num_kv_heads_local, model.head_dim, self.device, dtype
+        )
+        self.policy_version = 0  # of the weights the model holds; recorded in every new sample
+        self.stopped = False  # the last generate ended early on control.poll_stop()
+        self.last_stats = GenerationStats()
+        # The control tensor must live where the group's backend can reduce it.
+        self._control_device = torch.device("cpu")
+        if tp_group is not None and dist.get_backend(tp_group) == "nccl":
+            self._control_device = self.device
+
+    # ---- public ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: list[list[int]],
+        n: int,
+        params: SamplingConfig,
+        seed: int | None = None,
+        control: DecodeControl | None = None,
+    ) -> list[list[Completion]]:
+        """n completions for each prompt, in prompt order."""
+        groups = self._make_groups(prompts, n, params)
+        scheduler = Scheduler(self.pool, groups, params.max_new_tokens)
+        stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts))
+        self.pool.invalidate()
+        self.pool.reset_peak()
+        self.stopped = False
+        known_version = getattr(control, "version", None)
+        if isinstance(known_version, int) and known_version >= 0:
+            self.policy_version = known_version
+        poll_stop = getattr(control, "poll_stop", None)
+        generator = make_generator(self._agreed_seed(seed), self.device)
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.args.eos_token_ids))
+        stop_tensor = torch.tensor(sorted(stop_ids), dtype=torch.long, device=self.device)  # [num_stop_ids]
+
+        while True:
+            has_live = scheduler.has_unfinished()
+            saw_weights = control.poll_new_weights() if control is not None else False
+            saw_stop = poll_stop() if poll_stop is not None else False
+            any_live, any_done, new_weights, stop = self._agree(has_live, not has_live, saw_weights, saw_stop)
+            if new_weights:
+                if control is None:
+                    raise RuntimeError(
+                        "a tensor-parallel peer received new weights, but this rank has no DecodeControl"
+                    )
+                self.policy_version = int(control.on_new_weights())
+                scheduler.invalidate()
+                stats.weight_updates += 1
+            if not any_live:
+                break
+            if stop:
+                scheduler.abort_all()
+                self.stopped = True
+                break
+            if any_done:
+                # Peers are done while this rank is not (or the reverse): leave together, never diverge.
+                scheduler.abort_all()
+                break
+            plan = scheduler.next_step()
+            assert plan is not None, "an unfinished scheduler always has a step to run"
+            self._run_step(plan, scheduler, params, generator, stop_tensor, stats)
+            stats.steps += 1
+
+        stats.peak_blocks_in_use = self.pool.stats().peak_blocks_in_use
+        stats.generated_tokens = sum(s.num_generated for g in groups for s in g.samples)
+        self.last_stats = stats
+        return [self._completions(g) for g in groups]
+
+    def pool_stats(self) -> KVPoolStats:
+        return self.pool.stats()
+
+    # ---- one step ----------------------------------------------------------------------------
+
+    def _run_step(
+        self,
+        plan: StepPlan,
+        scheduler: Scheduler,
+        params: SamplingConfig,
+        generator: torch.Generator,
+        stop_tensor: torch.Tensor,
+        stats: GenerationStats,
+    ) -> None:
+        logits = self._forward(plan)  # [len(entries), V]
+        if plan.is_prefill:
+            stats.prefill_tokens += sum(len(e.tokens) for e in plan.entries)
+
+        # Which logits row each sampled token comes from, and the sequence it extends (None: new sample).
+        rows: list[int] = []
+        targets: list[tuple[SequenceGroup, Sequence | None]] = []
+        for row, entry in enumerate(plan.entries):
+            if entry.seq is not None:
+                rows.append(row)
+                targets.append((entry.group, entry.seq))
+            elif not entry.group.samples:  # a fresh prompt: its n first tokens
+                rows.extend([row] * entry.group.n)
+                targets.extend([(entry.group, None)] * entry.group.n)
+        if rows:
+            if len(rows) != logits.shape[0] or rows != list(range(len(rows))):
+                logits = logits.index_select(0, torch.tensor(rows, device=logits.device))  # [R, V]
+            tokens, logprobs = sample_tokens(logits, params, generator)  # [R], [R]
+            generated_after = [1 if seq is None else seq.num_generated + 1 for _, seq in targets]
+            at_limit = torch.tensor([g >= params.max_new_tokens for g in generated_after]).to(self.device)  # [R]
+            is_stop = torch.isin(tokens, stop_tensor)  # [R]
+            finished = is_stop | at_limit
+            # The step's one sync: tokens, logprobs and stop flags in one transfer (fp64 holds all exactly).
+            host = torch.stack([tokens.double(), logprobs.double(), is_stop.double(), finished.double()]).cpu()
+            tok_l, lp_l, stop_l, fin_l = host.tolist()
+            for (group, seq), tok, lp, stop, fin in zip(targets, tok_l, lp_l, stop_l, fin_l):
+                if seq is None:
+                    seq = Sequence(group, len(group.samples), list(group.prompt_ids), self.policy_version)
+                    group.samples.append(seq)
+                seq.token_ids.append(int(tok))
+                seq.logprobs.append(lp)
+                if fin:
+                    seq.finish_reason = "stop" if stop else "length"
+                    scheduler.release(seq)
+        for entry in plan.entries:
+            if entry.seq is None:
+                scheduler.fork_prompt(entry.group)
+
+    def _forward(self, plan: StepPlan) -> torch.Tensor:
+        slots, tables, ctx_lens, ids, positions, last_rows = [], [], [], [], [], []
+        for entry in plan.entries:
+            start = self.pool.seq_len(entry.kv)
+            slots.append(self.pool.append_slots(entry.kv, len(entry.tokens)))
+            tables.append(self.pool.block_table(entry.kv))
+            ctx_lens.append(start + len(entry.tokens))
+            ids.extend(entry.tokens)
+            positions.extend(range(start, start + len(entry.tokens)))
+            last_rows.append(len(ids) - 1)
+        meta = StepMetadata.build(slots, tables, ctx_lens, self.pool.block_size, self.device)
+        t = len(ids)
+        packed = torch.tensor(ids + positions + last_rows, dtype=torch.long).to(self.device, non_blocking=True)
+        attn = step_attention(self.backend, self.pool, meta)
+        # packed: [T input ids | T positions | R logits rows]
+        return self.model.forward_paged(packed[:t], packed[t : 2 * t], attn, packed[2 * t :])  # [R, V]
+
+    # ---- tensor-parallel agreement -----------------------------------------------------------
+
+    def _agree(self, has_live: bool, is_done: bool, new_weights: bool, stop: bool) -> tuple[bool, bool, bool, bool]:
+        """(any rank live, any rank done while another is live, any rank saw new weights, any asked to stop)."""
+        if self.tp_group is None:
+            return has_live, False, new_weights, stop
+        flags = torch.tensor(
+            [int(has_live), int(is_done), int(new_weights), int(stop)], device=self._control_device
+        )  # [4]
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.tp_group)
+        any_live, any_done, any_new, any_stop = (bool(x) for x in flags.tolist())
+        return any_live, any_live and any_done, any_new, any_stop
+
+    def _agreed_seed(self, seed: int | None) -> int | None:
+        """Every TP rank must draw the same tokens: an unseeded run agrees on one random seed."""
+        if seed is not None or self.tp_group is None:
+            return seed
+        mine = torch.tensor([random.SystemRandom().randrange(2**62)], device=self._control_device)  # [1]
+        dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=self.tp_group)
+        return int(mine.item())
+
+    # ---- input and output --------------------------------------------------------------------
+
+    def _make_groups(self, prompts: list[list[int]], n: int, params: SamplingConfig) -> list[SequenceGroup]:
+        if n < 1:
+            raise ValueError(f"n = {n}: expected at least 1 sample per prompt")
+        max_pos = self.args.max_position_embeddings
+        vocab = self.args.vocab_size
+        groups = []
+        for i, prompt in enumerate(prompts):
+            if len(prompt) == 0:
+                raise ValueError(f"prompt {i} is empty: expected at least one token id")
+            if len(prompt) + params.max_new_tokens > max_pos:
+                raise ValueError(
+                    f"prompt {i} has {len(prompt)} tokens; with max_new_tokens = {params.max_new_tokens} that is "
+                    f"{len(prompt) + params.max_new_tokens}, beyond the model's {max_pos} positions"
+                )
+            bad = [t for t in prompt if not (isinstance(t, int) and 0 <= t < vocab)]
+            if bad:
+                raise ValueError(f"prompt {i} has token ids {bad[:5]} outside the vocabulary [0, {vocab})")
+            groups.append(SequenceGroup(index=i, prompt_ids=list(prompt), n=n))
+        return groups
+
+    def _completions(self, group: SequenceGroup) -> list[Completion]:
+        if not group.samples:  # aborted before its prompt ever ran
+            return [Completion([], [], "abort", self.policy_version) for _ in range(group.n)]
+        return [s.to_completion() for s in group.samples]

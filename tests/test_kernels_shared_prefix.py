@@ -1,0 +1,218 @@
+"""Shared-prefix (cascade) decode attention against a torch gather + softmax over prefix + suffix.
+
+Groups have different live counts (1..G, and none), sequences come in arbitrary group order, and a
+multi-step case drops finished samples between steps the way the engine does.
+"""
+
+import os
+
+if "TRITON_INTERPRET" not in os.environ:
+    import torch as _torch
+
+    if not _torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from async_grpo.kv.shared_prefix import GroupLayout, shared_prefix_decode_attention  # noqa: E402
+from async_grpo.kv.triton_kv_write import write_kv  # noqa: E402
+from async_grpo.kv.triton_paged import paged_decode_attention  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def reference_attention(q, k_cache, v_cache, tables, lens, scale):
+    """fp64 softmax attention over each sequence's tokens gathered through its (python list) block table."""
+    B, Hq, D = q.shape
+    page, Hkv = k_cache.shape[1], k_cache.shape[2]
+    out = torch.zeros(B, Hq, D, dtype=torch.float64)
+    for b in range(B):
+        tok = torch.arange(lens[b])
+        blocks = torch.tensor(tables[b], dtype=torch.long)[tok // page]
+        k = k_cache.cpu()[blocks, tok % page].double().repeat_interleave(Hq // Hkv, dim=1)  # [n, Hq, D]
+        v = v_cache.cpu()[blocks, tok % page].double().repeat_interleave(Hq // Hkv, dim=1)
+        s = torch.einsum("hd,nhd->hn", q[b].cpu().double(), k) * scale
+        out[b] = torch.einsum("hn,nhd->hd", torch.softmax(s, dim=1), v)
+    return out
+
+
+class CascadeCase:
+    """A pool of blocks: per group shared full prompt blocks, per sequence its own suffix blocks."""
+
+    def __init__(self, prefix_blocks, seq_group, suffix_lens, Hq, Hkv, D, page, dtype, seed, suffix_capacity=None):
+        g = torch.Generator().manual_seed(seed)
+        self.page, self.dtype = page, dtype
+        self.prefix_blocks = prefix_blocks  # full prompt blocks per group
+        self.seq_group = list(seq_group)
+        self.suffix_lens = list(suffix_lens)
+        cap = suffix_capacity or max(1, max((n + page - 1) // page for n in suffix_lens))
+        num_blocks = sum(prefix_blocks) + len(seq_group) * cap + 2
+        perm = torch.randperm(num_blocks, generator=g).tolist()
+        self.prefix_tables = [[perm.pop() for _ in range(n)] for n in prefix_blocks]
+        self.suffix_tables = [[perm.pop() for _ in range(cap)] for _ in seq_group]
+        self.k_cache = torch.randn(num_blocks, page, Hkv, D, generator=g).to(dtype).to(DEVICE)
+        self.v_cache = torch.randn(num_blocks, page, Hkv, D, generator=g).to(dtype).to(DEVICE)
+        self.q = torch.randn(len(seq_group), Hq, D, generator=g).to(dtype).to(DEVICE)
+
+    def tensors(self):
+        P = max(1, max(self.prefix_blocks))
+        ptab = torch.zeros(len(self.prefix_blocks), P, dtype=torch.int32)
+        for i, t in enumerate(self.prefix_tables):
+            ptab[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        plens = torch.tensor([n * self.page for n in self.prefix_blocks], dtype=torch.int32)
+        stab = torch.tensor(self.suffix_tables, dtype=torch.int32)
+        slens = torch.tensor(self.suffix_lens, dtype=torch.int32)
+        sg = torch.tensor(self.seq_group, dtype=torch.int32)
+        return [t.to(DEVICE) for t in (ptab, plens, sg, stab, slens)]
+
+    def full_tables(self):
+        tables = [self.prefix_tables[g] + self.suffix_tables[b] for b, g in enumerate(self.seq_group)]
+        lens = [self.prefix_blocks[g] * self.page + self.suffix_lens[b] for b, g in enumerate(self.seq_group)]
+        return tables, lens
+
+
+@pytest.mark.parametrize("from_tensor", [False, True])
+def test_group_layout_sorts_live_sequences_by_group(from_tensor):
+    groups = [2, 0, 2, 0, 0]
+    layout = GroupLayout.build(torch.tensor(groups) if from_tensor else groups, 4)
+    assert layout.order.tolist() == [1, 3, 4, 0, 2]
+    assert layout.starts.tolist() == [0, 3, 3, 5]
+    assert layout.counts.tolist() == [3, 0, 2, 0]
+    assert layout.max_live == 3
+
+
+def test_group_layout_rejects_group_index_out_of_range():
+    with pytest.raises(ValueError, match=r"group index 4 is outside \[0, 4\)"):
+        GroupLayout.build([0, 4], 4)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 2\)"):
+        GroupLayout.build(torch.tensor([0, 2]), 2)
+
+
+@pytest.mark.parametrize("gqa", [1, 2, 4])
+@pytest.mark.parametrize("prefix_splits,suffix_splits", [(1, 1), (3, 1), (3, 2)])
+def test_cascade_matches_reference_with_groups_of_different_live_counts(gqa, prefix_splits, suffix_splits):
+    # group 0: 4 live, group 1: 1 live, group 2: 3 live, group 3: none (all finished); interleaved order.
+    seq_group = [2, 0, 1, 0, 2, 0, 2, 0]
+    suffix_lens = [1, 5, 17, 33, 16, 2, 9, 40]
+    case = CascadeCase([2, 1, 4, 3], seq_group, suffix_lens, 2 * gqa, 2, 16, 16, torch.float32, seed=gqa)
+    scale = 16**-0.5
+    out = shared_prefix_decode_attention(
+        case.q, case.k_cache, case.v_cache, *case.tensors(), scale,
+        prefix_splits=prefix_splits, suffix_splits=suffix_splits, block_n=16, prefix_block_n=16,
+    )
+    tables, lens = case.full_tables()
+    ref = reference_attention(case.q, case.k_cache, case.v_cache, tables, lens, scale)
+    torch.testing.assert_close(out.cpu().double(), ref, atol=2e-5, rtol=2e-5)
+
+
+def test_cascade_equals_plain_paged_kernel_including_lse():
+    seq_group = [0, 1, 1, 0, 1]
+    case = CascadeCase([3, 2], seq_group, [4, 20, 1, 31, 16], 4, 2, 32, 16, torch.float32, seed=9)
+    scale = 0.2
+    out, lse = shared_prefix_decode_attention(
+        case.q, case.k_cache, case.v_cache, *case.tensors(), scale, return_lse=True, block_n=32, prefix_block_n=32
+    )
+    tables, lens = case.full_tables()
+    width = max(len(t) for t in tables)
+    full = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=DEVICE)
+    ctx = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    ref_out, ref_lse = paged_decode_attention(
+        case.q, case.k_cache, case.v_cache, full, ctx, scale, num_splits=1, return_lse=True, block_n=32
+    )
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=2e-5)
+
+
+def test_cascade_splits_a_large_group_over_several_row_tiles():
+    # 6 live samples x 4 query heads = 24 rows, tiles of 16 rows: two tiles per group and KV head.
+    seq_group = [0, 0, 0, 1, 0, 0, 0]
+    case = CascadeCase([2, 1], seq_group, [3, 9, 1, 12, 20, 7, 16], 4, 1, 16, 16, torch.float32, seed=4)
+    out = shared_prefix_decode_attention(
+        case.q, case.k_cache, case.v_cache, *case.tensors(), 0.25,
+        block_n=16, prefix_block_n=16, max_tile_rows=16, prefix_splits=2,
+    )
+    tables, lens = case.full_tables()
+    ref = reference_attention(case.q, case.k_cache, case.v_cache, tables, lens, 0.25)
+    torch.testing.assert_close(out.cpu().double(), ref, atol=2e-5, rtol=2e-5)
+
+
+def test_cascade_stays_exact_as_samples_finish_at_different_steps():
+    # One group of 4 samples and one of 2; each step every live sample appends a token (write_kv into its
+    # own blocks) and then attends; samples leave the live set at different steps.
+    Hq, Hkv, D, page = 4, 2, 16, 16
+    seq_ids = [0, 1, 2, 3, 4, 5]
+    groups = {0: 0, 1: 0, 2: 0, 3: 0, 4: 1, 5: 1}
+    start_lens = {0: 3, 1: 14, 2: 15, 3: 1, 4: 7, 5: 2}
+    finish_after = {0: 2, 1: 4, 2: 1, 3: 3, 4: 4, 5: 1}  # steps each sample lives
+    case = CascadeCase([2, 1], [groups[s] for s in seq_ids], [start_lens[s] for s in seq_ids], Hq, Hkv, D, page,
+                       torch.float32, seed=12, suffix_capacity=2)
+    g = torch.Generator().manual_seed(1)
+    lens = dict(start_lens)
+    for step in range(4):
+        live = [s for s in seq_ids if finish_after[s] > step]
+        new_slots = []
+        for s in live:
+            new_slots.append(case.suffix_tables[s][lens[s] // page] * page + lens[s] % page)
+            lens[s] += 1
+        k_new = torch.randn(len(live), Hkv, D, generator=g).to(DEVICE)
+        v_new = torch.randn(len(live), Hkv, D, generator=g).to(DEVICE)
+        write_kv(k_new, v_new, case.k_cache, case.v_cache, torch.tensor(new_slots, dtype=torch.int32, device=DEVICE))
+        q = torch.randn(len(live), Hq, D, generator=g).to(DEVICE)
+        ptab, plens, _, _, _ = case.tensors()
+        stab = torch.tensor([case.suffix_tables[s] for s in live], dtype=torch.int32, device=DEVICE)
+        slens = torch.tensor([lens[s] for s in live], dtype=torch.int32, device=DEVICE)
+        layout = GroupLayout.build([groups[s] for s in live], 2, DEVICE)
+        assert layout.max_live == max([groups[s] for s in live].count(g) for g in (0, 1))
+        out = shared_prefix_decode_attention(
+            q, case.k_cache, case.v_cache, ptab, plens, layout, stab, slens, 0.25, block_n=16, prefix_block_n=16
+        )
+        tables = [case.prefix_tables[groups[s]] + case.suffix_tables[s] for s in live]
+        full_lens = [case.prefix_blocks[groups[s]] * page + lens[s] for s in live]
+        ref = reference_attention(q, case.k_cache, case.v_cache, tables, full_lens, 0.25)
+        torch.testing.assert_close(out.cpu().double(), ref, atol=2e-5, rtol=2e-5, msg=f"step {step}, live {live}")
+
+
+def test_cascade_bf16_matches_reference():
+    seq_group = [1, 0, 1]
+    case = CascadeCase([2, 3], seq_group, [5, 16, 30], 4, 2, 16, 16, torch.bfloat16, seed=6)
+    out = shared_prefix_decode_attention(
+        case.q, case.k_cache, case.v_cache, *case.tensors(), 0.25, block_n=16, prefix_block_n=16
+    )
+    assert out.dtype == torch.bfloat16
+    tables, lens = case.full_tables()
+    ref = reference_attention(case.q, case.k_cache, case.v_cache, tables, lens, 0.25)
+    torch.testing.assert_close(out.cpu().double(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_cascade_rejects_bad_group_vector():
+    case = CascadeCase([1], [0, 0], [2, 3], 2, 1, 16, 16, torch.float32, seed=0)
+    ptab, plens, sg, stab, slens = case.tensors()
+    with pytest.raises(ValueError, match=r"seq_group has shape \(3,\): expected \[2\]"):
+        bad_groups = torch.zeros(3, dtype=torch.int32, device=DEVICE)
+        shared_prefix_decode_attention(case.q, case.k_cache, case.v_cache, ptab, plens, bad_groups, stab, slens, 0.25)
+    with pytest.raises(ValueError, match="prefix lengths"):
+        shared_prefix_decode_attention(case.q, case.k_cache, case.v_cache, ptab, plens.long(), sg, stab, slens, 0.25)
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("gqa,G", [(1, 16), (7, 16), (8, 8), (7, 20)])
+def test_cascade_long_prompts_bf16_on_gpu(gqa, G):
+    # 4 groups with 4k / 1k / 2k / 16-token prompts; live counts G, G-3, 1, G//2.
+    live = [G, G - 3, 1, G // 2]
+    seq_group = [g for g, n in enumerate(live) for _ in range(n)]
+    g = torch.Generator().manual_seed(gqa)
+    perm = torch.randperm(len(seq_group), generator=g).tolist()
+    seq_group = [seq_group[i] for i in perm]
+    suffix_lens = torch.randint(1, 300, (len(seq_group),), generator=g).tolist()
+    case = CascadeCase([256, 64, 128, 1], seq_group, suffix_lens, 2 * gqa, 2, 64, 16, torch.bfloat16, seed=gqa)
+    out = shared_prefix_decode_attention(case.q, case.k_cache, case.v_cache, *case.tensors(), 0.125)
+    tables, lens = case.full_tables()
+    ref = reference_attention(case.q, case.k_cache, case.v_cache, tables, lens, 0.125)
+    torch.testing.assert_close(out.cpu().double(), ref, atol=2e-2, rtol=2e-2)
