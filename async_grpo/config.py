@@ -47,6 +47,9 @@ class KVConfig(_Section):
     num_blocks: int | None = Field(None, ge=1)  # exact block count; wins over memory_gb
     memory_gb: float = Field(0.25, gt=0)  # budget for K and V of all layers
     attention: Literal["auto", "torch", "triton", "flash"] = "auto"
+    # CUDA only: replay the decode step from CUDA graphs captured per batch-size bucket (fused backend).
+    cuda_graphs: bool = True
+    cuda_graph_max_rows: int = Field(512, ge=1)  # largest captured bucket; bigger decode batches run eagerly
 
 
 class SamplingConfig(_Section):
@@ -64,6 +67,8 @@ class WorkersConfig(_Section):
     """Rollout worker groups: every non-learner rank, `tp_size` ranks per group."""
 
     tp_size: int = Field(1, ge=1)
+    # Per-group sizes in rank order when the groups differ (e.g. [1, 2]); None: every group has tp_size.
+    group_tp_sizes: list[int] | None = None
     prompts_per_batch: int = Field(8, ge=1)  # B: prompts generated together
     group_size: int = Field(8, ge=1)  # G: samples per prompt
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -4,6 +4,10 @@ Called by `async-grpo train` under torchrun. Every rank builds every group in th
 (launch.py); learner ranks then run learner/loop.py, worker ranks workers/rollout_loop.py. This is
 the only module that knows both roles, and it imports each lazily, so a worker process never loads
 DeepSpeed and a learner process never builds an engine.
+
+Each process writes its pid to `out_dir/pids/rank<r>.pid` when it starts (and removes it when it
+ends normally), so an operator or a fault test can find, say, the learner (rank 0) or a worker rank
+without scanning the process table; a restarted job overwrites the files with the new pids.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -34,6 +39,7 @@ def run_job(cfg: RunConfig, layout: Layout, resume: bool) -> int:
     share_gpu = use_cuda and torch.cuda.device_count() < local_world
     sync_backend = "gloo" if (not use_cuda or share_gpu) else "nccl"
     rank = int(os.environ["RANK"])
+    pid_file = _write_pid_file(cfg.out_dir, rank)
     if use_cuda:
         torch.cuda.set_device(pick_device("cuda", int(os.environ.get("LOCAL_RANK", 0)), share_gpu))
     groups = init_groups(layout, use_cuda=use_cuda, sync_backend=sync_backend,
@@ -49,6 +55,25 @@ def run_job(cfg: RunConfig, layout: Layout, resume: bool) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        _remove_pid_file(pid_file)
+
+
+def _write_pid_file(out_dir: str, rank: int) -> Path:
+    path = Path(out_dir) / "pids" / f"rank{rank}.pid"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_suffix(f".tmp{os.getpid()}")
+    temp.write_text(f"{os.getpid()}\n")
+    temp.replace(path)  # atomic: a reader never sees an empty file
+    return path
+
+
+def _remove_pid_file(path: Path) -> None:
+    # A restarted process of the same rank may have written its own pid since: leave that one alone.
+    try:
+        if path.read_text().strip() == str(os.getpid()):
+            path.unlink()
+    except OSError:
+        pass
 
 
 def _run_worker_rank(cfg: RunConfig, groups, store: dist.Store, share_gpu: bool) -> int:
@@ -89,7 +114,9 @@ def _run_worker_rank(cfg: RunConfig, groups, store: dist.Store, share_gpu: bool)
         task=task,
     )
     try:
-        return run_worker(ctx, resume_position=int(positions.get(str(groups.worker_group), 0)))
+        position = int(positions.get(str(groups.worker_group), 0))
+        log.info("worker group %d rank %d starts at prompt position %d", groups.worker_group, tp_rank, position)
+        return run_worker(ctx, resume_position=position)
     finally:
         ctx.listener.close()
         if ctx.stream is not None:

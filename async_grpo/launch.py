@@ -31,20 +31,21 @@ class Layout:
 
     world_size: int
     num_learner_ranks: int
-    tp_size: int
+    group_sizes: tuple[int, ...]  # ranks of each worker group, in rank order
 
     @property
     def num_worker_groups(self) -> int:
-        return (self.world_size - self.num_learner_ranks) // self.tp_size
+        return len(self.group_sizes)
 
     def worker_group_ranks(self, group: int) -> list[int]:
-        start = self.num_learner_ranks + group * self.tp_size
-        return list(range(start, start + self.tp_size))
+        start = self.num_learner_ranks + sum(self.group_sizes[:group])
+        return list(range(start, start + self.group_sizes[group]))
 
     def worker_group_of(self, rank: int) -> int | None:
-        if rank < self.num_learner_ranks:
-            return None
-        return (rank - self.num_learner_ranks) // self.tp_size
+        for g in range(self.num_worker_groups):
+            if rank in self.worker_group_ranks(g):
+                return g
+        return None
 
 
 def plan_layout(cfg: RunConfig, world_size: int) -> Layout:
@@ -55,16 +56,27 @@ def plan_layout(cfg: RunConfig, world_size: int) -> Layout:
             "learner.num_ranks", learners,
             f"fewer than the world size ({world_size} processes), so that at least one worker group remains",
         )
-    if (world_size - learners) % tp != 0:
+    workers = world_size - learners
+    sizes = cfg.workers.group_tp_sizes
+    if sizes is not None:
+        if not sizes or min(sizes) < 1 or sum(sizes) != workers:
+            raise ConfigError(
+                "workers.group_tp_sizes", sizes,
+                f"positive sizes adding up to the {workers} worker ranks (world {world_size} - {learners} learner ranks)",
+            )
+        return Layout(world_size, learners, tuple(sizes))
+    if workers % tp != 0:
         raise ConfigError(
             "workers.tp_size", tp,
-            f"a divisor of the {world_size - learners} worker ranks (world {world_size} - {learners} learner ranks)",
+            f"a divisor of the {workers} worker ranks (world {world_size} - {learners} learner ranks)",
         )
-    return Layout(world_size=world_size, num_learner_ranks=learners, tp_size=tp)
+    return Layout(world_size, learners, (tp,) * (workers // tp))
 
 
 def local_world_size(cfg: RunConfig) -> int:
-    """World size of a job launched locally without torchrun: learner ranks + num_workers groups of tp_size."""
+    """World size of a job launched without torchrun: learner ranks + the worker groups' ranks."""
+    if cfg.workers.group_tp_sizes is not None:
+        return cfg.learner.num_ranks + sum(cfg.workers.group_tp_sizes)
     return cfg.learner.num_ranks + cfg.num_workers * cfg.workers.tp_size
 
 
@@ -130,6 +142,6 @@ def init_groups(layout: Layout, *, use_cuda: bool, sync_backend: str, timeout_s:
             groups.tp_group = group
 
     # Sync groups come last and with their own backend (gloo when learner and workers share a GPU).
-    groups.sync_groups = make_sync_groups(layout.world_size, layout.num_learner_ranks, layout.tp_size,
+    groups.sync_groups = make_sync_groups(layout.world_size, layout.num_learner_ranks, list(layout.group_sizes),
                                           sync_backend, timeout)
     return groups

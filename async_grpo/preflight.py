@@ -38,30 +38,34 @@ def blocks_for_one_group(prompt_len: int, group_size: int, max_new_tokens: int, 
 
 
 def check_kv_budget(cfg: RunConfig, args, max_prompt_len: int) -> int:
-    """The pool's block count, or a ConfigError when it cannot hold one group of the longest prompt."""
+    """The smallest pool's block count, or a ConfigError when a pool cannot hold one group of the longest prompt."""
     from async_grpo.kv.pool import num_blocks_for
     from async_grpo.model.build import DTYPES
 
-    tp = cfg.workers.tp_size
-    if args.num_kv_heads % tp or args.num_heads % tp:
-        raise ConfigError(
-            "workers.tp_size", tp,
-            f"a divisor of the model's {args.num_heads} attention heads and {args.num_kv_heads} KV heads",
-        )
-    try:
-        blocks = num_blocks_for(cfg.kv, args.num_layers, args.num_kv_heads // tp, args.head_dim, DTYPES[cfg.model.dtype])
-    except ValueError as err:
-        raise ConfigError("kv.memory_gb", cfg.kv.memory_gb, str(err)) from None
+    key = "workers.group_tp_sizes" if cfg.workers.group_tp_sizes is not None else "workers.tp_size"
+    smallest = None
+    for tp in sorted(set(cfg.workers.group_tp_sizes or [cfg.workers.tp_size])):
+        if args.num_kv_heads % tp or args.num_heads % tp:
+            raise ConfigError(
+                key, cfg.workers.group_tp_sizes or tp,
+                f"sizes dividing the model's {args.num_heads} attention heads and {args.num_kv_heads} KV heads",
+            )
+        try:
+            blocks = num_blocks_for(cfg.kv, args.num_layers, args.num_kv_heads // tp, args.head_dim,
+                                    DTYPES[cfg.model.dtype])
+        except ValueError as err:
+            raise ConfigError("kv.memory_gb", cfg.kv.memory_gb, str(err)) from None
+        smallest = blocks if smallest is None else min(smallest, blocks)
     need = blocks_for_one_group(max_prompt_len, cfg.workers.group_size, cfg.sampling.max_new_tokens, cfg.kv.block_size)
-    if blocks < need:
+    if smallest < need:
         key, value = ("kv.num_blocks", cfg.kv.num_blocks) if cfg.kv.num_blocks is not None else ("kv.memory_gb", cfg.kv.memory_gb)
         raise ConfigError(
             key, value,
             f"room for at least one group: {need} blocks of {cfg.kv.block_size} tokens for a {max_prompt_len}-token "
             f"prompt x {cfg.workers.group_size} samples x {cfg.sampling.max_new_tokens} new tokens, "
-            f"but the pool has {blocks}",
+            f"but the pool has {smallest}",
         )
-    return blocks
+    return smallest
 
 
 def check_run_config(cfg: RunConfig) -> None:

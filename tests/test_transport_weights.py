@@ -176,6 +176,7 @@ def run_job(scenario: str) -> dict[int, dict]:
     return reports
 
 
+@pytest.mark.slow
 def test_broadcast_to_two_worker_groups_is_bit_identical_and_versioned():
     reports = run_job("healthy")
     assert reports[0]["made"] == ["sync-0", "sync-1", "sync-2"]
@@ -185,6 +186,7 @@ def test_broadcast_to_two_worker_groups_is_bit_identical_and_versioned():
         assert reports[rank]["received"] == [(1, 1, True), (2, 2, True)]
 
 
+@pytest.mark.slow
 def test_group_that_never_joins_times_out_naming_group_and_version_while_the_other_receives():
     reports = run_job("dead_group")
     status = reports[0]["status"]

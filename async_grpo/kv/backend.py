@@ -10,6 +10,11 @@
 
 `kv.attention = "auto"` picks the first that applies in that order; naming one that cannot run here
 is a ValueError saying why.
+
+The engine's decode step can be captured in a CUDA graph only with a backend whose decode
+attention has fixed shapes for a fixed batch, launches no host sync and skips padding rows
+(negative slot, zero context): `graph_capturable` says which. The torch reference sizes its
+gather by the step's longest context and flash-attn takes host-side maxima, so both run eagerly.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from async_grpo.kv.torch_attention import TorchPagedAttention
 from async_grpo.model.attention_api import PagedAttention
 
 BACKENDS = ("torch", "triton", "flash")
+GRAPH_CAPTURABLE = ("triton",)
 FLASH_BLOCK_MULTIPLE = 256
 
 
@@ -79,6 +85,13 @@ def select_backend(requested: str, device: torch.device | str, block_size: int) 
     if reason is not None:
         raise ValueError(f"kv.attention = {requested!r} cannot run: {reason}")
     return requested
+
+
+def graph_capturable(backend: str) -> bool:
+    """Whether `backend`'s decode step may be captured in a CUDA graph (see the module docstring)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend {backend!r}: expected one of {BACKENDS}")
+    return backend in GRAPH_CAPTURABLE
 
 
 class TritonDecodeAttention:

@@ -2,8 +2,15 @@
 
 A step feeds each of B sequences its tokens that are not cached yet (a whole prompt at prefill, one
 token at decode, the tokens generated so far after a weight update), flattened into T tokens with
-no padding, sequence after sequence. Built once per step on the host and moved to the device in one
-go; every layer's `attend` reads the same metadata.
+no padding, sequence after sequence. Every layer's `attend` reads the same metadata.
+
+Two ways to make it:
+- `build`: from per-sequence host lists, moved to the device in one go (prefill steps, and the
+  catch-up step after a weight update, where sequences feed several tokens);
+- `for_decode`: one token per row, computed on the device from the decode batch's block tables and
+  positions with fixed shapes and no host sync, so it can run inside a captured CUDA graph. A row
+  with position -1 is padding (a graph bucket larger than the live batch): slot -1, which the fused
+  kernels skip, and context 0, which attends to nothing.
 
 Shapes: slot_mapping int64 [T]; block_tables int32 [B, max_blocks]; context_lens int32 [B] (tokens
 cached once this step's K/V are written); query_lens int32 [B]; cu_query_lens int32 [B + 1].
@@ -76,4 +83,43 @@ class StepMetadata:
             block_size=block_size,
             max_query_len=max(query_lens),
             max_context_len=max(context_lens),
+        )
+
+    @classmethod
+    def for_decode(
+        cls, block_tables: torch.Tensor, positions: torch.Tensor, block_size: int, max_context_len: int
+    ) -> "StepMetadata":
+        """Decode metadata on the device: row b feeds the token at `positions[b]`.
+
+        block_tables int32 [B, max_blocks] (a row's blocks in order, already holding the block of its
+        position); positions int64 [B], -1 for a padding row. `max_context_len` is a host-side bound
+        on the rows' context lengths (the torch and flash backends size their work by it). Padding
+        rows are for the fused Triton kernels only: the torch reference needs every row valid.
+        """
+        if block_tables.dim() != 2 or block_tables.dtype != torch.int32:
+            raise ValueError(
+                f"block_tables has shape {tuple(block_tables.shape)} dtype {block_tables.dtype}: "
+                "expected int32 [rows, max_blocks]"
+            )
+        if positions.shape != (block_tables.shape[0],) or positions.dtype != torch.int64:
+            raise ValueError(
+                f"positions has shape {tuple(positions.shape)} dtype {positions.dtype}: "
+                f"expected int64 [{block_tables.shape[0]}]"
+            )
+        rows = positions.shape[0]
+        dev = positions.device
+        valid = positions >= 0  # [B]
+        pos = positions.clamp_min(0)  # [B]
+        block = block_tables.gather(1, (pos // block_size).unsqueeze(1)).squeeze(1).long()  # [B]
+        slots = torch.where(valid, block * block_size + pos % block_size, -1)  # [B]
+        context = torch.where(valid, pos + 1, 0).to(torch.int32)  # [B]
+        return cls(
+            slot_mapping=slots,
+            block_tables=block_tables,
+            context_lens=context,
+            query_lens=torch.ones(rows, dtype=torch.int32, device=dev),  # [B]
+            cu_query_lens=torch.arange(rows + 1, dtype=torch.int32, device=dev),  # [B + 1]
+            block_size=block_size,
+            max_query_len=1,
+            max_context_len=max_context_len,
         )

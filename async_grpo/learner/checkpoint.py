@@ -6,7 +6,8 @@ Layout under `<out_dir>/checkpoints/`:
         deepspeed/state/...        DeepSpeed's save_checkpoint: model, optimiser, LR scheduler (per rank)
         learner_rank{r}.pt         ours: step, policy version, data position, RNG states of rank r
         complete.json              written by rank 0 last, before the rename
-    .tmp-step_00000012/            being written (or left behind by a crash): never loaded
+    .tmp-step_00000012/            being written (or left behind by a crash): never loaded, and
+                                   deleted by the next save
 
 Every learner rank writes its part into the temporary directory; after a barrier on the learner
 group rank 0 writes the marker, renames the directory and prunes old checkpoints to
@@ -57,6 +58,17 @@ def latest_complete(out_dir: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
+def remove_partial_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Delete temporary directories that a crash left mid-write (never loadable); returns what went."""
+    root = checkpoint_root(out_dir)
+    if not root.is_dir():
+        return []
+    partial = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(_TEMP_PREFIX)]
+    for path in partial:
+        shutil.rmtree(path)
+    return partial
+
+
 def _rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -80,8 +92,7 @@ def save_checkpoint(learner: "Learner", out_dir: str | Path, data_position: dict
     name = f"step_{learner.step_count:08d}"
     temp, final = root / f"{_TEMP_PREFIX}{name}", root / name
     if learner.rank == 0:
-        if temp.exists():
-            shutil.rmtree(temp)  # left by a crash mid-write
+        remove_partial_checkpoints(out_dir)
         temp.mkdir(parents=True)
     dist.barrier(group=learner.group)
     learner.engine.save_checkpoint(str(temp / _DS_SUBDIR), tag=_DS_TAG, save_latest=False)

@@ -20,11 +20,11 @@ from async_grpo.config import LearnerConfig
 def deepspeed_config(cfg: LearnerConfig, device: torch.device, dp_world_size: int) -> dict[str, Any]:
     """The dict given to `deepspeed.initialize`."""
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
-    if cfg.zero_stage == 3:
-        # Small CPU test models must still be partitioned and gathered (the defaults keep tensors
-        # under 100k elements whole), so the collectives under test are the ones a big model runs.
-        zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=0)
     if device.type != "cuda":
+        if cfg.zero_stage == 3:
+            # Small CPU models must still be partitioned and gathered (the defaults keep tensors under
+            # 100k elements whole), so CPU runs exercise the collectives a big model runs on GPU.
+            zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=0)
         # Overlapping communication needs CUDA streams.
         zero["overlap_comm"] = False
     return {

@@ -20,7 +20,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -38,6 +38,18 @@ log = logging.getLogger(__name__)
 
 class NoTrajectories(RuntimeError):
     """No fresh trajectory arrived for longer than the collective timeout: the workers are gone."""
+
+
+class WorkersLost(NoTrajectories):
+    """Every worker group's weight sync failed: no fresh trajectory can come any more."""
+
+
+def check_sync_groups(publisher) -> None:
+    """Raise WorkersLost, naming each group and its error, once every sync group is marked dead."""
+    status = publisher.status()
+    if status and all(st.dead for st in status.values()):
+        detail = "; ".join(f"group '{name}' (ranks {st.ranks}): {st.error}" for name, st in sorted(status.items()))
+        raise WorkersLost(f"every weight-sync group is dead, no worker can receive new weights: {detail}")
 
 
 @dataclass
@@ -72,8 +84,13 @@ class TakenCounts:
 
 
 def collect_step(receiver, n: int, version: int, max_staleness: int, timeout_s: float,
-                 taken: TakenCounts | None = None) -> StepIntake:
-    """Take `n` trajectories whose policy is at most `max_staleness` versions behind `version`."""
+                 taken: TakenCounts | None = None, check_workers: Callable[[], None] | None = None) -> StepIntake:
+    """Take `n` trajectories whose policy is at most `max_staleness` versions behind `version`.
+
+    Fails after `timeout_s` without a fresh trajectory (stale ones do not count: a worker group cut off
+    from new weights keeps sending old-policy work that can never be used), or as soon as
+    `check_workers` raises while the queue is empty.
+    """
     intake = StepIntake(trajectories=[])
     started = time.monotonic()
     last_arrival = started
@@ -81,13 +98,14 @@ def collect_step(receiver, n: int, version: int, max_staleness: int, timeout_s: 
         got = receiver.get_batch(n - len(intake.trajectories), timeout=1.0)
         now = time.monotonic()
         if not got:
+            if check_workers is not None:
+                check_workers()
             if now - last_arrival > timeout_s:
                 raise NoTrajectories(
                     f"no trajectory reached the learner for {timeout_s:.0f} s (transport.collective_timeout_s) "
                     f"at policy version {version}: every worker group has stopped or lost its connection"
                 )
             continue
-        last_arrival = now
         if taken is not None:
             taken.add(got)
         for traj in got:
@@ -95,6 +113,7 @@ def collect_step(receiver, n: int, version: int, max_staleness: int, timeout_s: 
             if lag > max_staleness or lag < 0:
                 intake.dropped_stale += 1
                 continue
+            last_arrival = now
             intake.trajectories.append(traj)
             intake.staleness.append(lag)
     intake.wait_s = time.monotonic() - started
@@ -162,20 +181,17 @@ def run_learner(cfg: RunConfig, groups, store: dist.Store, resume: bool) -> int:
 
     receiver = announcer = publisher = run_log = taken = None
     if is_rank0:
-        from async_grpo.transport.control import WeightsAnnouncer
-        from async_grpo.transport.endpoints import LearnerEndpoints, publish_endpoints, resolve_bind_host
-        from async_grpo.transport.stream import TrajectoryReceiver
+        from async_grpo.transport.endpoints import open_learner_sockets
         from async_grpo.transport.weights import WeightPublisher
 
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(dump_config(cfg) + "\n")
-        host = resolve_bind_host(cfg.transport.bind_host)
-        receiver = TrajectoryReceiver(cfg.transport, host=host)
-        announcer = WeightsAnnouncer(cfg.transport, host=host)
+        # Positions first: a worker reads them right after it finds the endpoints.
+        store.set(store_keys.RESUME_POSITIONS, json.dumps(positions))
+        sockets = open_learner_sockets(cfg.transport, store, out_dir)
+        receiver, announcer = sockets.receiver, sockets.announcer
         publisher = WeightPublisher(groups.sync_groups, bucket_mb=cfg.transport.bucket_mb,
                                     timeout_s=cfg.transport.sync_timeout_s, announcer=announcer)
-        store.set(store_keys.RESUME_POSITIONS, json.dumps(positions))
-        publish_endpoints(store, LearnerEndpoints(receiver.endpoint, announcer.endpoint), out_dir)
         run_log = RunLog(out_dir, resume_step=start_step)
         taken = TakenCounts(store)
 
@@ -200,7 +216,8 @@ def run_learner(cfg: RunConfig, groups, store: dist.Store, resume: bool) -> int:
             intake = None
             if is_rank0:
                 intake = collect_step(receiver, cfg.learner.samples_per_step, learner.policy_version,
-                                      cfg.max_staleness, cfg.transport.collective_timeout_s, taken)
+                                      cfg.max_staleness, cfg.transport.collective_timeout_s, taken,
+                                      check_workers=lambda: check_sync_groups(publisher))
                 trajs = intake.trajectories
             else:
                 trajs = []
@@ -209,12 +226,13 @@ def run_learner(cfg: RunConfig, groups, store: dist.Store, resume: bool) -> int:
             metrics = learner.step_on_whole_batch(trajs)
             train_s = time.monotonic() - train_started
             sync_s = 0.0
-            if learner.policy_version % cfg.transport.sync_every == 0:
+            if learner.policy_version % cfg.transport.sync_every == 0 and step < cfg.trainer.max_steps:
                 sync_s = publish_weights()
             positions = worker_positions(trajs, positions)
             if is_rank0:
                 elapsed = time.monotonic() - step_started
                 counters = receiver.counters()
+                sync_status = publisher.status()
                 tokens = sum(int(t.completion_ids.numel()) for t in trajs)
                 row = {
                     "step": step,
@@ -232,7 +250,10 @@ def run_learner(cfg: RunConfig, groups, store: dist.Store, resume: bool) -> int:
                     "train_s": train_s,
                     "sync_s": sync_s,
                     "elapsed_s": time.monotonic() - run_started,
-                    "sync_groups_dead": sum(st.dead for st in publisher.status().values()),
+                    "sync_groups_dead": sum(st.dead for st in sync_status.values()),
+                    # The newest version each worker group has fully received (-1: none yet).
+                    **{f"synced_version/{name}": (-1 if st.sent_version is None else st.sent_version)
+                       for name, st in sync_status.items()},
                     **{k: v for k, v in metrics.items() if k != "step"},
                 }
                 run_log.write(row)
@@ -249,6 +270,8 @@ def run_learner(cfg: RunConfig, groups, store: dist.Store, resume: bool) -> int:
         raise
     finally:
         if is_rank0:
+            # Let broadcasts in flight finish while the workers still serve them, then stop everyone.
+            publisher.wait_idle(cfg.transport.sync_timeout_s if status == 0 else 0)
             store.set(store_keys.STOP, "1" if status == 0 else "error")
             publisher.close()
             announcer.close()

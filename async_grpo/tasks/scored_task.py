@@ -26,6 +26,14 @@ class ScoredTask:
     def __len__(self) -> int:
         return len(self.source)
 
+    def max_prompt_len(self, scan: int = 2000) -> int:
+        """Longest prompt (in tokens) among the first `scan` prompts: what start-up checks size the KV pool by.
+
+        Exact for sources of at most `scan` prompts and for the synthetic tasks (all prompts one length);
+        rollout workers still skip, and count, any later prompt too long to fit.
+        """
+        return max((len(self.source.item(i).prompt_ids) for i in range(min(scan, len(self.source)))), default=0)
+
     def prompts(self, seed: int, shard_rank: int = 0, shard_count: int = 1) -> PromptStream:
         return PromptStream(self.source, seed, shard_rank, shard_count)
 

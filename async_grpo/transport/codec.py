@@ -290,19 +290,14 @@ def _decode(frames: Sequence[Any], max_message_bytes: int) -> list[Trajectory]:
     prompts = prompt_flat.split_with_sizes(prompt_lens)  # views, one per distinct prompt
     completions = completion_flat.split_with_sizes(completion_lens)
     logprobs = logprob_flat.split_with_sizes(completion_lens)
+    extras = header["extra"]
     return [
         _trusted_trajectory(
-            prompt_ids=prompts[prompt_index[i]],
-            completion_ids=completions[i],
-            behaviour_logprobs=logprobs[i],
-            reward=float(scalars["reward"][i]),
-            advantage=float(scalars["advantage"][i]),
-            group_id=scalars["group_id"][i],
-            sample_index=scalars["sample_index"][i],
-            policy_version=scalars["policy_version"][i],
-            finish_reason=scalars["finish_reason"][i],
-            worker_id=scalars["worker_id"][i],
-            extra={k: float(v) for k, v in header["extra"][i].items()},
+            prompts[p], completion, logprob, float(reward), float(advantage), group, sample, version, reason, worker,
+            {k: float(v) for k, v in extra.items()} if extra else {},
         )
-        for i in range(count)
+        for p, completion, logprob, reward, advantage, group, sample, version, reason, worker, extra in zip(
+            prompt_index, completions, logprobs, scalars["reward"], scalars["advantage"], scalars["group_id"],
+            scalars["sample_index"], scalars["policy_version"], scalars["finish_reason"], scalars["worker_id"], extras,
+        )
     ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Sequence
 
 import torch.distributed as dist
 
@@ -26,30 +27,40 @@ class SyncGroupSpec:
     ranks: tuple[int, ...]
 
 
-def sync_group_layout(world_size: int, num_learner_ranks: int, tp_size: int) -> list[SyncGroupSpec]:
-    """Every sync group of the job, in creation order."""
-    if num_learner_ranks < 1 or tp_size < 1:
-        raise ValueError(
-            f"num_learner_ranks = {num_learner_ranks}, tp_size = {tp_size}: expected both >= 1"
-        )
+def sync_group_layout(
+    world_size: int, num_learner_ranks: int, tp_size: int | Sequence[int]
+) -> list[SyncGroupSpec]:
+    """Every sync group of the job, in creation order.
+
+    `tp_size` is one size for every worker group, or each group's size in rank order (groups may
+    differ, e.g. [1, 2]); the sizes must add up to the worker ranks.
+    """
     num_worker_ranks = world_size - num_learner_ranks
-    if num_worker_ranks < tp_size or num_worker_ranks % tp_size:
-        raise ValueError(
-            f"world_size = {world_size} with {num_learner_ranks} learner ranks leaves {num_worker_ranks} worker "
-            f"ranks: expected a positive multiple of workers.tp_size = {tp_size}"
-        )
-    return [
-        SyncGroupSpec(
-            index=g,
-            name=f"sync-{g}",
-            ranks=(LEARNER_SRC_RANK, *range(num_learner_ranks + g * tp_size, num_learner_ranks + (g + 1) * tp_size)),
-        )
-        for g in range(num_worker_ranks // tp_size)
-    ]
+    if isinstance(tp_size, int):
+        if num_learner_ranks < 1 or tp_size < 1:
+            raise ValueError(f"num_learner_ranks = {num_learner_ranks}, tp_size = {tp_size}: expected both >= 1")
+        if num_worker_ranks < tp_size or num_worker_ranks % tp_size:
+            raise ValueError(
+                f"world_size = {world_size} with {num_learner_ranks} learner ranks leaves {num_worker_ranks} worker "
+                f"ranks: expected a positive multiple of workers.tp_size = {tp_size}"
+            )
+        sizes = [tp_size] * (num_worker_ranks // tp_size)
+    else:
+        sizes = list(tp_size)
+        if num_learner_ranks < 1 or not sizes or min(sizes) < 1 or sum(sizes) != num_worker_ranks:
+            raise ValueError(
+                f"worker group sizes {sizes} with {num_learner_ranks} learner ranks: expected positive sizes adding "
+                f"up to the {num_worker_ranks} worker ranks of a world of {world_size}"
+            )
+    specs, start = [], num_learner_ranks
+    for g, size in enumerate(sizes):
+        specs.append(SyncGroupSpec(index=g, name=f"sync-{g}", ranks=(LEARNER_SRC_RANK, *range(start, start + size))))
+        start += size
+    return specs
 
 
 def make_sync_groups(
-    world_size: int, num_learner_ranks: int, tp_size: int, backend: str, timeout: float | timedelta
+    world_size: int, num_learner_ranks: int, tp_size: int | Sequence[int], backend: str, timeout: float | timedelta
 ) -> dict[str, dist.ProcessGroup]:
     """Create all sync groups (collective: every rank calls it); return the ones this rank belongs to.
 

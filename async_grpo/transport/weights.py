@@ -135,7 +135,8 @@ class _GroupSender:
     """One thread serving one sync group from a one-slot mailbox holding the newest snapshot."""
 
     def __init__(self, name: str, group: dist.ProcessGroup, src: int, timeout_s: float,
-                 announcer: WeightsAnnouncer | None):
+                 announcer: WeightsAnnouncer | None, finished: threading.Condition):
+        self._finished = finished  # the publisher's: notified whenever this group ends a broadcast
         self.status = GroupStatus(name=name, ranks=_group_ranks(group))
         self._group, self._src, self._timeout_s, self._announcer = group, src, timeout_s, announcer
         self._slot: WeightSnapshot | None = None
@@ -172,7 +173,7 @@ class _GroupSender:
                 log.error("%s; group '%s' is marked dead and gets no further weights", err, name)
                 with self._cond:
                     self.status.dead, self.status.error, self._busy, self._slot = True, str(err), False, None
-                    self._cond.notify_all()
+                self._notify_finished()
                 return
             finally:
                 if self._announcer is not None:
@@ -182,7 +183,11 @@ class _GroupSender:
                 self.status.last_send_s = time.monotonic() - started
                 self.status.bytes_sent += snapshot.nbytes
                 self._busy = False
-                self._cond.notify_all()
+            self._notify_finished()
+
+    def _notify_finished(self) -> None:
+        with self._finished:
+            self._finished.notify_all()
 
     def close(self, timeout: float) -> None:
         with self._cond:
@@ -212,8 +217,10 @@ class WeightPublisher:
         self.device = torch.device(device) if device is not None else max(devices, key=lambda d: d.type == "cuda",
                                                                             default=torch.device("cpu"))
         self.latest_version: int | None = None
+        self._finished = threading.Condition()
         self._senders = {
-            name: _GroupSender(name, group, src_rank, timeout_s, announcer) for name, group in sync_groups.items()
+            name: _GroupSender(name, group, src_rank, timeout_s, announcer, self._finished)
+            for name, group in sync_groups.items()
         }
 
     def publish(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -235,12 +242,8 @@ class WeightPublisher:
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until every live group has the newest version (or died); False on timeout."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not all(s.idle() for s in self._senders.values()):
-            if deadline is not None and time.monotonic() >= deadline:
-                return False
-            time.sleep(0.01)
-        return True
+        with self._finished:
+            return self._finished.wait_for(lambda: all(s.idle() for s in self._senders.values()), timeout)
 
     def status(self) -> dict[str, GroupStatus]:
         return {name: GroupStatus(**vars(s.status)) for name, s in self._senders.items()}

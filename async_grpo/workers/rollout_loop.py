@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -88,55 +89,62 @@ class WeightSync:
         return version
 
 
-def _agree(ctx: WorkerContext, *flags: bool) -> list[bool]:
-    """MAX of each flag over the worker group: every rank acts on what any rank saw."""
-    if ctx.tp_group is None:
-        return list(flags)
-    t = torch.tensor([int(f) for f in flags], dtype=torch.int32)  # [len(flags)]
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ctx.tp_group)
-    return [bool(x) for x in t.tolist()]
+def serve_until(ctx: WorkerContext, sync: WeightSync, ready: Callable[[], bool], poll_s: float = 0.005) -> None:
+    """Wait until `ready()` (asked on the group's first rank) while serving weight broadcasts and stop.
 
-
-def _wait_for_weights(ctx: WorkerContext, sync: WeightSync, *, newer_than: int) -> None:
-    """Block (polling) until a version newer than `newer_than` has been received, or stop is asked."""
+    Every rank of the group runs this same loop and all_reduces (MAX) the same three flags
+    [not ready, new weights seen, stop seen] once per turn on the tp_group, so the ranks receive a
+    broadcast, leave, or go on together; no rank ever waits in a collective its peers skip.
+    """
     while True:
-        new, stop = _agree(ctx, sync.poll_new_weights(), sync.poll_stop())
+        ok = ready() if ctx.tp_rank == 0 else True
+        flags = [not ok, sync.poll_new_weights(), sync.poll_stop()]
+        if ctx.tp_group is not None:
+            t = torch.tensor([int(f) for f in flags], dtype=torch.int32)  # [3]
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ctx.tp_group)
+            flags = [bool(x) for x in t.tolist()]
+        busy, new, stop = flags
         if stop:
             raise RolloutStopped
         if new:
             sync.on_new_weights()
-            if sync.version > newer_than:
-                return
-        time.sleep(0.01)
+        if not busy:
+            return
+        time.sleep(poll_s)
 
 
 def build_trajectories(
-    ctx: WorkerContext, items: list, completions: list, first_position: int
-) -> tuple[list[Trajectory], dict[str, float]]:
-    """Score every completion, compute group advantages, and build the trajectories to send."""
-    cfg = ctx.cfg
+    ctx: WorkerContext, items: list, completions: list, positions: list[int]
+) -> list[list[Trajectory]]:
+    """Score every completion, compute group advantages, and build each prompt's trajectories.
+
+    `group_id` is the prompt's position in this group's prompt stream (`positions[i]` for items[i]),
+    which is what a resumed run needs to start after the prompts the learner consumed.
+    """
     flat_items, flat_ids, group_ids = [], [], []
     for g, (item, samples) in enumerate(zip(items, completions)):
         for sample in samples:
             flat_items.append(item)
             flat_ids.append(sample.token_ids)
-            group_ids.append(first_position + g)
+            group_ids.append(positions[g])
     rewards = ctx.task.score_batch(flat_items, flat_ids)
-    adv = compute_advantages(rewards, group_ids, cfg.learner.advantage)
-    trajectories: list[Trajectory] = []
+    adv = compute_advantages(rewards, group_ids, ctx.cfg.learner.advantage)
+    out: list[list[Trajectory]] = []
     k = 0
     for g, (item, samples) in enumerate(zip(items, completions)):
         prompt = torch.tensor(item.prompt_ids, dtype=torch.int32)  # [P], shared by the group's samples
+        group: list[Trajectory] = []
         for s, sample in enumerate(samples):
+            # Aborted samples (the run is stopping) and DAPO-filtered groups never leave the worker.
             if bool(adv.keep[k]) and sample.finish_reason != "abort":
-                trajectories.append(
+                group.append(
                     Trajectory(
                         prompt_ids=prompt,
                         completion_ids=sample.token_ids,
                         behaviour_logprobs=sample.logprobs,
                         reward=rewards[k],
                         advantage=float(adv.advantages[k]),
-                        group_id=first_position + g,
+                        group_id=positions[g],
                         sample_index=s,
                         policy_version=sample.policy_version,
                         finish_reason=sample.finish_reason,
@@ -144,20 +152,29 @@ def build_trajectories(
                     )
                 )
             k += 1
-    stats = {"reward_mean": float(sum(rewards) / max(1, len(rewards))), "kept": float(len(trajectories))}
-    return trajectories, stats
+        out.append(group)
+    return out
 
 
-def _push(ctx: WorkerContext, sync: WeightSync, trajectories: list[Trajectory]) -> None:
-    """Push with back-pressure, but keep hearing the stop signal while the learner's queue is full."""
-    assert ctx.stream is not None
-    while True:
-        try:
-            ctx.stream.push(trajectories, timeout=1.0)
-            return
-        except PushTimeout:
-            if sync.poll_stop():
-                raise RolloutStopped from None
+def push_groups(ctx: WorkerContext, sync: WeightSync, groups: list[list[Trajectory]]) -> None:
+    """Send each prompt's trajectories as one message, with back-pressure, serving weights while blocked.
+
+    Messages go one group at a time (a message is sent whole or not at all), so a retry after a full
+    queue never sends a trajectory twice.
+    """
+    pending = [g for g in groups if g]
+
+    def sent_all() -> bool:
+        assert ctx.stream is not None
+        while pending:
+            try:
+                ctx.stream.push(pending[0], timeout=0.2)
+            except PushTimeout:
+                return False
+            pending.pop(0)
+        return True
+
+    serve_until(ctx, sync, sent_all if ctx.tp_rank == 0 else (lambda: True))
 
 
 def in_flight_limit(cfg: RunConfig, num_worker_groups: int) -> int:
@@ -184,22 +201,15 @@ def _taken(ctx: WorkerContext) -> int:
     return int(ctx.store.get(key)) if ctx.store.check([key]) else 0
 
 
-def _wait_for_room(ctx: WorkerContext, sync: WeightSync, generated: int, limit: int, batch: int) -> None:
-    """Async mode: hold the next batch while the learner has too much of this group's output untaken.
+def prompt_fits(ctx: WorkerContext, prompt_len: int, max_new_tokens: int) -> bool:
+    """Whether a group of this prompt fits the model's positions and, at worst, the whole KV pool."""
+    from async_grpo.preflight import blocks_for_one_group
 
-    Weight broadcasts and the stop signal are still served while waiting; all ranks of the group agree
-    on every decision, so they wait, receive and leave together.
-    """
-    while True:
-        room = ctx.tp_rank != 0 or generated - _taken(ctx) + batch <= limit
-        room_all, new, stop = _agree(ctx, not room, sync.poll_new_weights(), sync.poll_stop())
-        if stop:
-            raise RolloutStopped
-        if new:
-            sync.on_new_weights()
-        if not room_all:
-            return
-        time.sleep(0.005)
+    if prompt_len == 0 or prompt_len + max_new_tokens > ctx.model.args.max_position_embeddings:
+        return False
+    pool = ctx.engine.pool
+    need = blocks_for_one_group(prompt_len, ctx.cfg.workers.group_size, max_new_tokens, pool.block_size)
+    return need <= pool.num_blocks
 
 
 def run_worker(ctx: WorkerContext, resume_position: int = 0) -> int:
@@ -215,31 +225,43 @@ def run_worker(ctx: WorkerContext, resume_position: int = 0) -> int:
     stream = ctx.task.prompts(cfg.seed, ctx.worker_group, ctx.num_worker_groups)
     stream.take(resume_position)  # a resumed run starts after what the learner already consumed
     position = resume_position
-    batches = 0
+    batches = skipped = 0
     try:
         # The first weights come from the learner: a preset's init, a checkpoint, or a resumed policy.
-        _wait_for_weights(ctx, sync, newer_than=-1)
+        serve_until(ctx, sync, lambda: sync.version >= 0, poll_s=0.01)
         generated = 0  # trajectories this group has produced (what the learner's taken count compares to)
         while True:
             if cfg.mode == "sync":
                 if batches and batches % budget == 0:
                     # The baseline: generate with version v, then wait until the learner has trained on it.
-                    _wait_for_weights(ctx, sync, newer_than=sync.version)
+                    trained_on = sync.version
+                    serve_until(ctx, sync, lambda: sync.version > trained_on, poll_s=0.01)
             else:
-                _wait_for_room(ctx, sync, generated, limit, batch)
-            items = stream.take(cfg.workers.prompts_per_batch)
+                # Hold the next batch while the learner has too much of this group's output untaken.
+                serve_until(ctx, sync, lambda: generated - _taken(ctx) + batch <= limit)
+            taken = stream.take(cfg.workers.prompts_per_batch)
+            # Start-up checks sized the pool by the prompts they saw; a longer one later is skipped, not fatal.
+            kept = [i for i, it in enumerate(taken) if prompt_fits(ctx, len(it.prompt_ids), params.max_new_tokens)]
+            items = [taken[i] for i in kept]
+            if len(items) < len(taken):
+                skipped += len(taken) - len(items)
+                log.warning("worker group %d: skipped %d prompts too long for the model or the KV pool (%d so far)",
+                            ctx.worker_group, len(taken) - len(items), skipped)
+            if not items:
+                position += len(taken)
+                continue
             seed = hash((cfg.seed, ctx.worker_group, position)) % (2**62)
             completions = ctx.engine.generate(
                 [it.prompt_ids for it in items], cfg.workers.group_size, params, seed=seed, control=sync
             )
             if ctx.engine.stopped:
                 raise RolloutStopped
+            groups: list[list[Trajectory]] = []
             if ctx.tp_rank == 0:
-                trajectories, _ = build_trajectories(ctx, items, completions, position)
-                if trajectories:
-                    _push(ctx, sync, trajectories)
-                generated += len(trajectories)
-            position += len(items)
+                groups = build_trajectories(ctx, items, completions, [position + i for i in kept])
+                generated += sum(len(g) for g in groups)
+            push_groups(ctx, sync, groups)
+            position += len(taken)
             batches += 1
     except RolloutStopped:
         log.info("worker group %d rank %d: stop after %d batches", ctx.worker_group, ctx.tp_rank, batches)
