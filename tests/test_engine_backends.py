@@ -53,3 +53,40 @@ def test_cuda_engine_picks_a_fused_backend_and_generates_in_bf16():
     results = engine.generate([list(range(1, 40))] * 8, 4, params, seed=0)
     assert all(len(c.token_ids) == 32 and len(c.logprobs) == 32 for g in results for c in g)
     assert engine.pool.stats().blocks_in_use == 0
+
+
+class PaddedBuckets:
+    """Stands in for DecodeGraphs where there is no CUDA: each decode step runs the forward a graph would
+    replay (the smallest bucket >= rows, extra rows padding) eagerly, so the padding path runs on CPU."""
+
+    def __init__(self, engine, buckets):
+        self.engine, self.buckets, self.replayed = engine, buckets, []
+
+    def bucket_for(self, rows):
+        return next((b for b in self.buckets if b >= rows), None)
+
+    def replay(self, bucket):
+        self.replayed.append(bucket)
+        return self.engine._graph_forward(bucket)
+
+
+def test_padded_bucket_decode_matches_torch_reference_as_rows_leave():
+    model = build_model(ModelConfig(preset="tiny", init_seed=3), DEVICE, torch.float32).eval()
+    ref = GenerationEngine(model, KVConfig(block_size=4, num_blocks=32, attention="torch"), DEVICE, torch.float32)
+    padded = GenerationEngine(model, KVConfig(block_size=4, num_blocks=32, attention="triton", cuda_graphs=False),
+                              DEVICE, torch.float32)
+    padded.graphs = PaddedBuckets(padded, [1, 2, 4, 8])
+    free = ref.generate(PROMPTS, 2, SamplingConfig(temperature=0, max_new_tokens=5, ignore_eos=True))
+    # Prompt 1's third token stops it early (and any other sample that draws it): the batch shrinks.
+    stop = free[1][0].token_ids[2]
+    params = SamplingConfig(temperature=0, max_new_tokens=5, ignore_eos=True, stop_token_ids=[stop])
+    expected = ref.generate(PROMPTS, 2, params)
+    got = padded.generate(PROMPTS, 2, params)
+    assert tokens(got) == tokens(expected)
+    for g_got, g_exp in zip(got, expected):
+        for a, b in zip(g_got, g_exp):
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+    # 6 rows padded to 8; prompt 1's samples stop after their third token, leaving 4 rows: bucket 4.
+    assert padded.graphs.replayed == [8, 8, 4, 4]
+    assert padded.last_stats.graph_steps == padded.last_stats.decode_steps == 4
+    assert padded.pool.stats().blocks_in_use == 0

@@ -4,14 +4,20 @@
 
 - prefill step: every newly admitted prompt in one varlen forward (each prompt once); the last
   position's logits are sampled n times and the prompt's K/V forked into the n samples (full blocks
-  shared, tail copied);
-- decode step: every live sample in one batched forward, each feeding the tokens the pool does not
-  hold yet (one, except right after a weight update).
+  shared, tail copied); the samples join the decode batch;
+- decode step: every live sample in one batched forward of one token each. The batch's state (block
+  tables, positions, last tokens) lives on the device (workers/decode_batch.py) and is updated with
+  tensor ops; the slot mapping is computed on the device; the host only hands out a new block when a
+  row crosses a block boundary. On CUDA the forward is replayed from a CUDA graph captured per
+  batch-size bucket (workers/cuda_graphs.py; `kv.cuda_graphs`), else it runs eagerly;
+- catch-up step (only after a weight update): re-prefilled samples feed all their generated tokens
+  in one varlen forward, then rejoin the decode batch.
 
-After a forward, tokens are sampled for all rows at once and the stop test (stop ids, length) runs
-on the device; the step's tokens, logprobs and stop flags then come back in one transfer, the only
-sync of the step. Finished samples free their blocks at once; waiting prompts enter as room appears
-(admission: workers/scheduler.py).
+After a forward, tokens are sampled for all rows at once and the stop-id test runs on the device; the
+step's tokens, logprobs and stop flags then come back in one transfer, the only sync of the step.
+The host appends them to the token history with one vectorised op and tests the length limit from
+its own counts. Finished samples free their blocks at once and leave the decode batch; waiting
+prompts enter as room appears (admission: workers/scheduler.py).
 
 Tensor parallelism and weight updates share one control point per step: every rank of `tp_group`
 all_reduces (MAX) `[has_live, is_done, new_weights, stop]` before each step. All ranks therefore leave on
@@ -27,16 +33,20 @@ import random
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from async_grpo.config import KVConfig, SamplingConfig
-from async_grpo.kv.backend import select_backend, step_attention
+from async_grpo.kv.backend import graph_capturable, select_backend, step_attention
 from async_grpo.kv.pool import KVPool, KVPoolStats
 from async_grpo.kv.step_metadata import StepMetadata
+from async_grpo.workers.cuda_graphs import DecodeGraphs
+from async_grpo.workers.decode_batch import DecodeBatch
 from async_grpo.workers.sampling import make_generator, sample_tokens
 from async_grpo.workers.scheduler import Scheduler, StepPlan
 from async_grpo.workers.sequence import Completion, Sequence, SequenceGroup
+from async_grpo.workers.token_history import TokenHistory
 
 __all__ = ["Completion", "DecodeControl", "GenerationEngine", "GenerationStats"]
 
@@ -67,6 +77,8 @@ class GenerationStats:
     generated_tokens: int = 0  # completion tokens returned
     prefill_tokens: int = 0  # tokens fed by prefill steps, re-prefills included
     steps: int = 0
+    decode_steps: int = 0  # steps served by the device-side decode batch
+    graph_steps: int = 0  # decode steps replayed from a CUDA graph
     weight_updates: int = 0
     peak_blocks_in_use: int = 0
 
@@ -95,6 +107,24 @@ class GenerationEngine:
         self._control_device = torch.device("cpu")
         if tp_group is not None and dist.get_backend(tp_group) == "nccl":
             self._control_device = self.device
+        # A row never holds more blocks than a sequence of the model's longest context, nor the whole pool.
+        max_blocks = min(-(-self.args.max_position_embeddings // self.pool.block_size), self.pool.num_blocks)
+        self.decode_batch = DecodeBatch(self.pool, max_blocks, kv_cfg.cuda_graph_max_rows, self.device)
+        self.graphs: DecodeGraphs | None = None
+        if self._graphs_apply(kv_cfg):
+            self.graphs = DecodeGraphs(self._graph_forward, kv_cfg.cuda_graph_max_rows, self.device)
+            self._capture_graphs()
+
+    def _graphs_apply(self, kv_cfg: KVConfig) -> bool:
+        """CUDA graphs need CUDA, a capturable attention backend, and no collectives inside the step."""
+        tp_size = 1 if self.tp_group is None else dist.get_world_size(self.tp_group)
+        return kv_cfg.cuda_graphs and self.device.type == "cuda" and graph_capturable(self.backend) and tp_size == 1
+
+    def _capture_graphs(self) -> None:
+        assert self.graphs is not None and self.decode_batch.num_rows == 0
+        with torch.inference_mode():
+            if not self.graphs.capture():
+                self.graphs = None
 
     # ---- public ------------------------------------------------------------------------------
 
@@ -108,11 +138,16 @@ class GenerationEngine:
         control: DecodeControl | None = None,
     ) -> list[list[Completion]]:
         """n completions for each prompt, in prompt order."""
+        # Slots are reused as samples finish and double when short, so start no larger than a usual batch.
+        history = TokenHistory(params.max_new_tokens, capacity=max(1, min(len(prompts) * n, 512)))
         groups = self._make_groups(prompts, n, params)
         scheduler = Scheduler(self.pool, groups, params.max_new_tokens)
         stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts))
         self.pool.invalidate()
         self.pool.reset_peak()
+        self.decode_batch.clear()
+        if self.decode_batch.reserve(len(prompts) * n) and self.graphs is not None:
+            self._capture_graphs()  # the buffers moved: graphs must read the new ones
         self.stopped = False
         known_version = getattr(control, "version", None)
         if isinstance(known_version, int) and known_version >= 0:
@@ -121,6 +156,7 @@ class GenerationEngine:
         generator = make_generator(self._agreed_seed(seed), self.device)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.args.eos_token_ids))
         stop_tensor = torch.tensor(sorted(stop_ids), dtype=torch.long, device=self.device)  # [num_stop_ids]
+        step = _StepContext(scheduler, history, params, generator, stop_tensor, stats)
 
         while True:
             has_live = scheduler.has_unfinished()
@@ -134,20 +170,26 @@ class GenerationEngine:
                     )
                 self.policy_version = int(control.on_new_weights())
                 scheduler.invalidate()
+                self.decode_batch.clear()
                 stats.weight_updates += 1
             if not any_live:
                 break
             if stop:
                 scheduler.abort_all()
+                self.decode_batch.clear()
                 self.stopped = True
                 break
             if any_done:
                 # Peers are done while this rank is not (or the reverse): leave together, never diverge.
                 scheduler.abort_all()
+                self.decode_batch.clear()
                 break
             plan = scheduler.next_step()
-            assert plan is not None, "an unfinished scheduler always has a step to run"
-            self._run_step(plan, scheduler, params, generator, stop_tensor, stats)
+            if plan is not None:
+                self._run_varlen_step(plan, step)
+            else:
+                assert self.decode_batch.num_rows > 0, "an unfinished scheduler with no plan has rows to decode"
+                self._run_decode_step(step)
             stats.steps += 1
 
         stats.peak_blocks_in_use = self.pool.stats().peak_blocks_in_use
@@ -158,54 +200,77 @@ class GenerationEngine:
     def pool_stats(self) -> KVPoolStats:
         return self.pool.stats()
 
-    # ---- one step ----------------------------------------------------------------------------
+    # ---- decode step (device-side batch) ------------------------------------------------------
 
-    def _run_step(
-        self,
-        plan: StepPlan,
-        scheduler: Scheduler,
-        params: SamplingConfig,
-        generator: torch.Generator,
-        stop_tensor: torch.Tensor,
-        stats: GenerationStats,
-    ) -> None:
+    def _run_decode_step(self, step: "_StepContext") -> None:
+        batch = self.decode_batch
+        rows = batch.num_rows
+        batch.grow_blocks()
+        bucket = self.graphs.bucket_for(rows) if self.graphs is not None else None
+        if bucket is not None:
+            logits = self.graphs.replay(bucket)[:rows]  # [R, V]
+            step.stats.graph_steps += 1
+        else:
+            logits = self._decode_forward(rows, batch.max_context_len())  # [R, V]
+        tokens, logprobs = sample_tokens(logits, step.params, step.generator)  # [R], [R]
+        is_stop = torch.isin(tokens, step.stop_tensor)  # [R]
+        # fp64 holds int token ids, fp32 logprobs and flags exactly: one transfer for all three.
+        host = torch.stack([tokens.double(), logprobs.double(), is_stop.double()])  # [3, R]
+        batch.advance(tokens)  # queued before the sync below, so it overlaps the copy
+        finished = self._record(batch.seqs, batch.slots, host.cpu().numpy(), step)
+        batch.remove(finished)
+        step.stats.decode_steps += 1
+
+    def _decode_forward(self, rows: int, max_context_len: int) -> torch.Tensor:
+        """Logits [rows, V] of the decode batch's first `rows` rows (rows past num_rows are padding)."""
+        batch = self.decode_batch
+        meta = batch.metadata(rows, max_context_len)
+        attn = step_attention(self.backend, self.pool, meta)
+        positions = batch.positions[:rows].clamp_min(0)  # [rows]; padding rows sit at position 0
+        return self.model.forward_paged(batch.last_tokens[:rows], positions, attn)
+
+    def _graph_forward(self, rows: int) -> torch.Tensor:
+        # The fused kernels bound their work by the block tables' width, not by this host-side maximum.
+        return self._decode_forward(rows, self.decode_batch.max_blocks * self.pool.block_size)
+
+    # ---- prefill and catch-up steps (host-built varlen metadata) ------------------------------
+
+    def _run_varlen_step(self, plan: StepPlan, step: "_StepContext") -> None:
         logits = self._forward(plan)  # [len(entries), V]
         if plan.is_prefill:
-            stats.prefill_tokens += sum(len(e.tokens) for e in plan.entries)
+            step.stats.prefill_tokens += sum(len(e.tokens) for e in plan.entries)
 
-        # Which logits row each sampled token comes from, and the sequence it extends (None: new sample).
+        # Which logits row each sampled token comes from, and the sample it extends.
         rows: list[int] = []
-        targets: list[tuple[SequenceGroup, Sequence | None]] = []
+        targets: list[Sequence] = []
         for row, entry in enumerate(plan.entries):
-            if entry.seq is not None:
+            if entry.seq is not None:  # catch-up: the sample's next token
                 rows.append(row)
-                targets.append((entry.group, entry.seq))
-            elif not entry.group.samples:  # a fresh prompt: its n first tokens
-                rows.extend([row] * entry.group.n)
-                targets.extend([(entry.group, None)] * entry.group.n)
+                targets.append(entry.seq)
+            elif not entry.group.samples:  # a fresh prompt: its n samples' first tokens
+                group = entry.group
+                for _ in range(group.n):
+                    seq = Sequence(group, len(group.samples), self.policy_version, step.history, step.history.open())
+                    group.samples.append(seq)
+                    rows.append(row)
+                    targets.append(seq)
+        ready: list[Sequence] = []
         if rows:
             if len(rows) != logits.shape[0] or rows != list(range(len(rows))):
                 logits = logits.index_select(0, torch.tensor(rows, device=logits.device))  # [R, V]
-            tokens, logprobs = sample_tokens(logits, params, generator)  # [R], [R]
-            generated_after = [1 if seq is None else seq.num_generated + 1 for _, seq in targets]
-            at_limit = torch.tensor([g >= params.max_new_tokens for g in generated_after]).to(self.device)  # [R]
-            is_stop = torch.isin(tokens, stop_tensor)  # [R]
-            finished = is_stop | at_limit
-            # The step's one sync: tokens, logprobs and stop flags in one transfer (fp64 holds all exactly).
-            host = torch.stack([tokens.double(), logprobs.double(), is_stop.double(), finished.double()]).cpu()
-            tok_l, lp_l, stop_l, fin_l = host.tolist()
-            for (group, seq), tok, lp, stop, fin in zip(targets, tok_l, lp_l, stop_l, fin_l):
-                if seq is None:
-                    seq = Sequence(group, len(group.samples), list(group.prompt_ids), self.policy_version)
-                    group.samples.append(seq)
-                seq.token_ids.append(int(tok))
-                seq.logprobs.append(lp)
-                if fin:
-                    seq.finish_reason = "stop" if stop else "length"
-                    scheduler.release(seq)
+            tokens, logprobs = sample_tokens(logits, step.params, step.generator)  # [R], [R]
+            is_stop = torch.isin(tokens, step.stop_tensor)  # [R]
+            host = torch.stack([tokens.double(), logprobs.double(), is_stop.double()]).cpu().numpy()  # [3, R]
+            slots = np.fromiter((s.slot for s in targets), dtype=np.int64, count=len(targets))
+            finished = self._record(targets, slots, host, step)
+            # Catch-up samples already hold their K/V; fresh ones get theirs from the fork below.
+            ready = [s for s, fin in zip(targets, finished.tolist()) if not fin and s.kv is not None]
         for entry in plan.entries:
             if entry.seq is None:
-                scheduler.fork_prompt(entry.group)
+                ready.extend(step.scheduler.fork_prompt(entry.group))
+        if ready:
+            slots = np.fromiter((s.slot for s in ready), dtype=np.int64, count=len(ready))
+            self.decode_batch.add(ready, step.history.last_tokens(slots))
 
     def _forward(self, plan: StepPlan) -> torch.Tensor:
         slots, tables, ctx_lens, ids, positions, last_rows = [], [], [], [], [], []
@@ -223,6 +288,20 @@ class GenerationEngine:
         attn = step_attention(self.backend, self.pool, meta)
         # packed: [T input ids | T positions | R logits rows]
         return self.model.forward_paged(packed[:t], packed[t : 2 * t], attn, packed[2 * t :])  # [R, V]
+
+    # ---- bookkeeping shared by both kinds of step ---------------------------------------------
+
+    def _record(self, seqs: list[Sequence], slots: np.ndarray, host: np.ndarray, step: "_StepContext") -> np.ndarray:
+        """Append one sampled token per sample (host [3, R]: tokens, logprobs, stop flags); finish and
+        release the samples that stopped or reached max_new_tokens. Returns the finished mask [R]."""
+        step.history.append(slots, host[0].astype(np.int64), host[1].astype(np.float32))
+        stopped = host[2] != 0
+        finished = stopped | (step.history.counts[slots] >= step.params.max_new_tokens)
+        for i in np.flatnonzero(finished).tolist():
+            seq = seqs[i]
+            seq.finish("stop" if stopped[i] else "length")
+            step.scheduler.release(seq)
+        return finished
 
     # ---- tensor-parallel agreement -----------------------------------------------------------
 
@@ -271,3 +350,15 @@ class GenerationEngine:
         if not group.samples:  # aborted before its prompt ever ran
             return [Completion([], [], "abort", self.policy_version) for _ in range(group.n)]
         return [s.to_completion() for s in group.samples]
+
+
+@dataclass(slots=True)
+class _StepContext:
+    """What every step of one `generate` call needs."""
+
+    scheduler: Scheduler
+    history: TokenHistory
+    params: SamplingConfig
+    generator: torch.Generator
+    stop_tensor: torch.Tensor
+    stats: GenerationStats

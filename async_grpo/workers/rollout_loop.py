@@ -38,6 +38,10 @@ class RolloutStopped(Exception):
     """The learner asked the workers to stop."""
 
 
+class LearnerSilent(RuntimeError):
+    """The learner sent no weights, no stop signal and took nothing for longer than the collective timeout."""
+
+
 @dataclass
 class WorkerContext:
     """What one rank of a worker group holds, built by job.py."""
@@ -92,24 +96,36 @@ class WeightSync:
 def serve_until(ctx: WorkerContext, sync: WeightSync, ready: Callable[[], bool], poll_s: float = 0.005) -> None:
     """Wait until `ready()` (asked on the group's first rank) while serving weight broadcasts and stop.
 
-    Every rank of the group runs this same loop and all_reduces (MAX) the same three flags
-    [not ready, new weights seen, stop seen] once per turn on the tp_group, so the ranks receive a
-    broadcast, leave, or go on together; no rank ever waits in a collective its peers skip.
+    Every rank of the group runs this same loop and all_reduces (MAX) the same four flags
+    [not ready, new weights seen, stop seen, timed out] once per turn on the tp_group, so the ranks
+    receive a broadcast, leave, go on or fail together; no rank ever waits in a collective its peers
+    skip. Waiting longer than `transport.collective_timeout_s` without new weights means the learner
+    is gone or stuck: LearnerSilent, naming the sync group, instead of waiting forever.
     """
+    timeout_s = ctx.cfg.transport.collective_timeout_s
+    last_progress = time.monotonic()
     while True:
         ok = ready() if ctx.tp_rank == 0 else True
-        flags = [not ok, sync.poll_new_weights(), sync.poll_stop()]
+        expired = time.monotonic() - last_progress > timeout_s
+        flags = [not ok, sync.poll_new_weights(), sync.poll_stop(), expired]
         if ctx.tp_group is not None:
-            t = torch.tensor([int(f) for f in flags], dtype=torch.int32)  # [3]
+            t = torch.tensor([int(f) for f in flags], dtype=torch.int32)  # [4]
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ctx.tp_group)
             flags = [bool(x) for x in t.tolist()]
-        busy, new, stop = flags
+        busy, new, stop, expired = flags
         if stop:
             raise RolloutStopped
         if new:
             sync.on_new_weights()
+            last_progress = time.monotonic()
         if not busy:
             return
+        if expired:
+            raise LearnerSilent(
+                f"worker group {ctx.worker_group}: waited {timeout_s:.0f} s (transport.collective_timeout_s) "
+                f"with neither new weights on sync group '{ctx.receiver.name}' (holding version {sync.version}) "
+                f"nor a stop signal, nor room to send: the learner is gone or stuck"
+            )
         time.sleep(poll_s)
 
 
@@ -265,4 +281,8 @@ def run_worker(ctx: WorkerContext, resume_position: int = 0) -> int:
             batches += 1
     except RolloutStopped:
         log.info("worker group %d rank %d: stop after %d batches", ctx.worker_group, ctx.tp_rank, batches)
+        if ctx.store.get(store_keys.STOP) == b"error":
+            log.error("worker group %d rank %d: the learner failed (see its error); exiting with status 1",
+                      ctx.worker_group, ctx.tp_rank)
+            return 1
     return 0

@@ -12,9 +12,13 @@ admitted in order while the reservations of the admitted ones fit the pool; the 
 that finishes returns its share at once. A group whose worst case exceeds the whole pool can never
 run: that is a ValueError before any work starts.
 
-A step is either a prefill step (the prompts of newly admitted groups and of groups whose K/V were
-dropped by a weight update, each prompt once) or a decode step (every live sample feeds the tokens
-the pool does not hold yet: one, or all it generated so far right after a re-prefill).
+A step is one of three kinds:
+- prefill: the prompts of newly admitted groups and of groups whose K/V were dropped by a weight
+  update, each prompt once (`next_step` returns it);
+- catch-up: right after a re-prefill, the forked samples that hold more than one uncached token (all
+  they generated so far) feed them in one varlen step (`next_step` returns it);
+- decode: otherwise (`next_step` returns None). Every live sample is then a row of the engine's
+  device-side decode batch and feeds its one uncached token; the scheduler is not consulted per row.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ class Scheduler:
         self.max_new_tokens = max_new_tokens
         self._waiting: deque[SequenceGroup] = deque(groups)
         self._admitted: list[SequenceGroup] = []
+        self._catch_up: list[Sequence] = []  # forked samples with more than their last token uncached
         self._reserved = 0
         for group in groups:
             worst = self.worst_case_blocks(group)
@@ -83,7 +88,7 @@ class Scheduler:
         return [s for g in self._admitted for s in g.live()]
 
     def next_step(self) -> StepPlan | None:
-        """The next step's work, or None when nothing is left."""
+        """The next prefill or catch-up step, or None: then every live sample is ready to decode."""
         prefill = [g for g in self._admitted if g.needs_prefill]
         while self._waiting and self._reserved + self.worst_case_blocks(self._waiting[0]) <= self.pool.num_blocks:
             group = self._waiting.popleft()
@@ -98,25 +103,36 @@ class Scheduler:
                 entries.append(StepEntry(group.prompt_kv, list(group.prompt_ids), group, None))
             return StepPlan(entries, is_prefill=True)
         entries = []
-        for seq in self.live_sequences():
-            assert seq.kv is not None, "a live sample outside a prefill step always has its K/V in the pool"
+        for seq in self._catch_up:
+            if seq.finished:
+                continue
+            assert seq.kv is not None, "a forked sample always has its K/V in the pool"
             cached = self.pool.seq_len(seq.kv)
             entries.append(StepEntry(seq.kv, seq.token_ids[cached:], seq.group, seq))
+        self._catch_up.clear()
         return StepPlan(entries, is_prefill=False) if entries else None
 
     # ---- transitions -------------------------------------------------------------------------
 
-    def fork_prompt(self, group: SequenceGroup) -> None:
-        """Share the prefilled prompt with the group's live samples (copy-on-write tail)."""
+    def fork_prompt(self, group: SequenceGroup) -> list[Sequence]:
+        """Share the prefilled prompt with the group's live samples (copy-on-write tail).
+
+        Returns the samples ready to decode (only their last token uncached); the others, re-prefilled
+        after a weight update with several tokens of their own to feed, wait for the catch-up step.
+        """
         live = group.live()
         assert group.prompt_kv is not None
+        ready = []
         if live:
             for seq, handle in zip(live, self.pool.fork(group.prompt_kv, len(live))):
                 seq.kv = handle
+                uncached = len(group.prompt_ids) + seq.num_generated - self.pool.seq_len(handle)
+                (ready if uncached == 1 else self._catch_up).append(seq)
         else:
             self.pool.free(group.prompt_kv)
         group.prompt_kv = None
         self._retire_if_done(group)
+        return ready
 
     def release(self, seq: Sequence) -> None:
         """A sample finished: its blocks and its share of the group's reservation return at once."""
@@ -134,6 +150,7 @@ class Scheduler:
     def invalidate(self) -> None:
         """Drop every cached K/V (new weights); admitted groups are prefilled again on the next step."""
         self.pool.invalidate()
+        self._catch_up.clear()
         for group in self._admitted:
             group.prompt_kv = None
             group.needs_prefill = True
@@ -147,13 +164,14 @@ class Scheduler:
             if not group.samples:
                 continue
             for seq in group.live():
-                seq.finish_reason = "abort"
+                seq.finish("abort")
                 aborted.append(seq)
                 if seq.kv is not None:
                     self.pool.free(seq.kv)
                     seq.kv = None
         self._waiting.clear()
         self._admitted.clear()
+        self._catch_up.clear()
         self.pool.invalidate()
         self._reserved = 0
         return aborted
