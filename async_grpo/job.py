@@ -43,7 +43,7 @@ def run_job(cfg: RunConfig, layout: Layout, resume: bool) -> int:
     if use_cuda:
         torch.cuda.set_device(pick_device("cuda", int(os.environ.get("LOCAL_RANK", 0)), share_gpu))
     groups = init_groups(layout, use_cuda=use_cuda, sync_backend=sync_backend,
-                         timeout_s=cfg.transport.collective_timeout_s)
+                         timeout_s=cfg.transport.collective_timeout_s, sync_timeout_s=cfg.transport.sync_timeout_s)
     store = _default_store()
     torch.manual_seed(cfg.seed + rank)
     try:

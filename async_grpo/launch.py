@@ -116,17 +116,36 @@ class Groups:
         return self.rank - self.layout.worker_group_ranks(self.worker_group)[0]
 
 
-def init_groups(layout: Layout, *, use_cuda: bool, sync_backend: str, timeout_s: float) -> Groups:
+def attempt_store(timeout: datetime.timedelta) -> tuple[dist.Store, int, int]:
+    """torchrun's store (env:// rendezvous) under a prefix of this restart attempt; also rank and world size.
+
+    torchrun keeps one store for the whole job across restarts (`--max-restarts`): keys written by a
+    failed attempt (gloo's rank addresses, the learner's endpoints, the stop signal) are still there when
+    the job starts again, and a restarted rank would connect to processes that no longer exist. Every
+    attempt (TORCHELASTIC_RESTART_COUNT) therefore reads and writes keys of its own.
+    """
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+    store.set_timeout(timeout)
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    return dist.PrefixStore(f"async_grpo/attempt_{attempt}", store), rank, world_size
+
+
+def init_groups(layout: Layout, *, use_cuda: bool, sync_backend: str, timeout_s: float,
+                sync_timeout_s: float | None = None) -> Groups:
     """Initialise torch.distributed from the torchrun environment and create every group, in one order.
 
     On GPU the default backend is `cpu:gloo,cuda:nccl`, so CPU-side control tensors and CUDA payloads both
     work; `sync_backend` is "gloo" when the learner and a worker share one GPU (NCCL cannot hold two ranks
     on one device). Every collective inherits `timeout_s`: a peer that never joins fails, never hangs.
+    The sync groups get `sync_timeout_s` (default `timeout_s`): a weight broadcast that times out is
+    then aborted by the backend too, instead of staying pending (and blocking the process's exit)
+    until the longer collective timeout.
     """
     timeout = datetime.timedelta(seconds=timeout_s)
     backend = "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=timeout)
+        store, rank, world_size = attempt_store(timeout)
+        dist.init_process_group(backend=backend, timeout=timeout, store=store, rank=rank, world_size=world_size)
     rank = dist.get_rank()
     groups = Groups(rank=rank, layout=layout, worker_group=layout.worker_group_of(rank))
 
@@ -143,5 +162,5 @@ def init_groups(layout: Layout, *, use_cuda: bool, sync_backend: str, timeout_s:
 
     # Sync groups come last and with their own backend (gloo when learner and workers share a GPU).
     groups.sync_groups = make_sync_groups(layout.world_size, layout.num_learner_ranks, list(layout.group_sizes),
-                                          sync_backend, timeout)
+                                          sync_backend, datetime.timedelta(seconds=sync_timeout_s or timeout_s))
     return groups

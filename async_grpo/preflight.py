@@ -1,9 +1,10 @@
 """Checks a run config against the files and sizes it names, before any process or group starts.
 
-`async-grpo train` calls `check_run_config` in the launching process, so that a missing model
-directory, an unknown preset, a prompt file that is not there, or a KV budget that cannot hold one
-group of G samples is one ConfigError (exit 2) naming the key, instead of N processes failing at
-once, or a worker failing mid-run.
+`async-grpo train` calls `check_run_config` in the launching process (and in every rank under
+torchrun, before any process group), so that a missing model directory, an unknown preset, a prompt
+file that is not there, a missing CURVE key file, or a KV budget that cannot hold one group of G
+samples is one ConfigError (exit 2) naming the key, instead of N processes failing at once, or a
+worker failing mid-run.
 """
 
 from __future__ import annotations
@@ -68,8 +69,29 @@ def check_kv_budget(cfg: RunConfig, args, max_prompt_len: int) -> int:
     return smallest
 
 
+def check_curve(cfg: RunConfig) -> None:
+    """With CURVE on: the key files and allowed-clients directory exist, and the receive queue can deliver."""
+    curve = cfg.transport.curve
+    if not curve.enabled:
+        return
+    for key in ("server_secret_file", "server_public_file", "client_secret_file"):
+        value = getattr(curve, key)
+        if not Path(value).is_file():
+            raise ConfigError(f"transport.curve.{key}", value, "an existing zmq.auth certificate file")
+    if not Path(curve.allowed_clients_dir).is_dir():
+        raise ConfigError("transport.curve.allowed_clients_dir", curve.allowed_clients_dir,
+                          "an existing directory of allowed public key files")
+    if cfg.transport.recv_hwm < 2:
+        # libzmq 4.3 signals a ZAP-authenticated PULL socket with a high-water mark of 1 as readable but
+        # never hands it a message: the learner would receive nothing.
+        raise ConfigError("transport.recv_hwm", cfg.transport.recv_hwm,
+                          "at least 2 when transport.curve.enabled is true (libzmq delivers nothing to a "
+                          "CURVE-authenticated socket whose receive high-water mark is 1)")
+
+
 def check_run_config(cfg: RunConfig) -> None:
-    """Every check that needs no process group (model, task, KV budget)."""
+    """Every check that needs no process group (model, task, KV budget, CURVE keys)."""
+    check_curve(cfg)
     args = check_model(cfg)
     if cfg.task.path is not None and not Path(cfg.task.path).is_file():
         raise ConfigError("task.path", cfg.task.path, "an existing JSONL or Parquet prompt file")

@@ -44,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--max-restarts", args.max_restarts, "a count >= 0", "command line")
     if launch.under_torchrun():
         layout = launch.plan_layout(cfg, int(os.environ["WORLD_SIZE"]))
+        # Each rank checks too (a cluster job never passes through the local launcher): exit 2 before any group.
+        _check_before_start(cfg)
         return _run_role(cfg, layout, resume=args.resume or restarted_by_torchrun())
     world = launch.local_world_size(cfg)
     launch.plan_layout(cfg, world)

@@ -19,7 +19,8 @@ MAX_STEPS = 14
 
 def test_run_completes_after_a_rollout_worker_is_killed(tmp_path):
     out = tmp_path / "run"
-    run = TrainingRun(out, [*SMALL_RUN, f"trainer.max_steps={MAX_STEPS}", "trainer.save_every=2"],
+    run = TrainingRun(out, [*SMALL_RUN, f"trainer.max_steps={MAX_STEPS}", "trainer.save_every=2",
+                            "trainer.keep_checkpoints=100"],
                       ["--max-restarts", "1"])
     try:
         run.wait_until(lambda: complete_checkpoint(out, 4), 150, "checkpoint at step 4")

@@ -54,8 +54,8 @@ def run_train_cli(args: list[str], timeout_s: float) -> subprocess.CompletedProc
 class TrainingRun:
     """One `async-grpo train` process tree; its combined output goes to `out_dir/../<name>.log`."""
 
-    def __init__(self, out_dir: Path, overrides: list[str], extra_args: list[str] = (), name: str = "train",
-                 config: Path = LOCAL_CONFIG):
+    def __init__(self, out_dir: Path, overrides: list[str], extra_args: tuple[str, ...] | list[str] = (),
+                 name: str = "train", config: Path = LOCAL_CONFIG):
         self.out_dir = Path(out_dir)
         self.log_path = self.out_dir.parent / f"{name}.log"
         self._log = self.log_path.open("w")
@@ -66,7 +66,6 @@ class TrainingRun:
                                      start_new_session=True)
 
     def log_text(self) -> str:
-        self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def _fail(self, why: str) -> None:
@@ -109,13 +108,25 @@ class TrainingRun:
         return read_metrics(self.out_dir)
 
     def kill_tree(self) -> None:
-        """SIGKILL the launcher and everything it started (they share the session this run opened)."""
+        """SIGKILL the launcher, its session, and every rank process of this run that is still alive.
+
+        torchrun starts the ranks in sessions of their own, so they are also found by their pid files
+        (checked against their command line, so a reused pid is never touched).
+        """
         if self.proc.poll() is None or _group_alive(self.proc.pid):
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
             self.proc.wait(timeout=30)
+        for pid_file in (self.out_dir / "pids").glob("rank*.pid"):
+            try:
+                pid = int(pid_file.read_text())
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except (OSError, ValueError):
+                continue
+            if f"out_dir={self.out_dir}".encode() in cmdline:
+                os.kill(pid, signal.SIGKILL)
         self._log.close()
 
 
