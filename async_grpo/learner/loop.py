@@ -149,6 +149,15 @@ def share_trajectories(trajs: list[Trajectory], group: dist.ProcessGroup | None,
     return decode(frames, int(max_message_mb * 2**20 * max(1, len(trajs))))
 
 
+def reward_failures(trajs: list[Trajectory], seen: dict[str, dict[int, float]]) -> dict[str, float]:
+    """Reward failures and timeouts so far, all worker groups together (workers send cumulative counts)."""
+    for t in trajs:
+        for key in ("reward_failures", "reward_timeouts"):
+            per_worker = seen.setdefault(key, {})
+            per_worker[t.worker_id] = max(per_worker.get(t.worker_id, 0.0), t.extra.get(key, 0.0))
+    return {key: sum(per_worker.values()) for key, per_worker in seen.items()}
+
+
 def worker_positions(trajs: list[Trajectory], positions: dict[str, int]) -> dict[str, int]:
     """Per worker group, the prompt position after the newest prompt consumed so far."""
     out = dict(positions)
@@ -194,6 +203,7 @@ def run_learner(cfg: RunConfig, groups, store: dist.Store, resume: bool) -> int:
                                     timeout_s=cfg.transport.sync_timeout_s, announcer=announcer)
         run_log = RunLog(out_dir, resume_step=start_step)
         taken = TakenCounts(store)
+        failure_counts: dict[str, dict[int, float]] = {}
 
     def publish_weights() -> float:
         started = time.monotonic()
@@ -251,6 +261,7 @@ def run_learner(cfg: RunConfig, groups, store: dist.Store, resume: bool) -> int:
                     "sync_s": sync_s,
                     "elapsed_s": time.monotonic() - run_started,
                     "sync_groups_dead": sum(st.dead for st in sync_status.values()),
+                    **reward_failures(trajs, failure_counts),
                     # The newest version each worker group has fully received (-1: none yet).
                     **{f"synced_version/{name}": (-1 if st.sent_version is None else st.sent_version)
                        for name, st in sync_status.items()},

@@ -33,7 +33,6 @@ from async_grpo.workers.engine import GenerationEngine
 log = logging.getLogger(__name__)
 
 
-
 class RolloutStopped(Exception):
     """The learner asked the workers to stop."""
 
@@ -145,6 +144,9 @@ def build_trajectories(
             group_ids.append(positions[g])
     rewards = ctx.task.score_batch(flat_items, flat_ids)
     adv = compute_advantages(rewards, group_ids, ctx.cfg.learner.advantage)
+    # The reward's cumulative failure counts ride along, so the learner's metrics show them per step.
+    stats = ctx.task.reward_stats()
+    extra = {f"reward_{k}": float(stats.get(k, 0)) for k in ("failures", "timeouts")}
     out: list[list[Trajectory]] = []
     k = 0
     for g, (item, samples) in enumerate(zip(items, completions)):
@@ -165,6 +167,7 @@ def build_trajectories(
                         policy_version=sample.policy_version,
                         finish_reason=sample.finish_reason,
                         worker_id=ctx.worker_group,
+                        extra=extra,
                     )
                 )
             k += 1
