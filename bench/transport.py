@@ -4,7 +4,7 @@
     python bench/transport.py weights               # CPU: spawns 2 gloo processes, small model
     torchrun --nproc-per-node 2 bench/transport.py weights --params 5e8   # GPU: NCCL, bf16
 
-Every figure is the median of --repeats runs.
+Every figure is the median of --repeats rounds.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import socket
 import statistics
 import time
 from datetime import timedelta
+from multiprocessing.connection import Connection
 
 import torch
 import torch.distributed as dist
@@ -49,69 +50,102 @@ def make_messages(args: argparse.Namespace, per_message: int) -> list[list[Traje
     return [flat[i : i + per_message] for i in range(0, len(flat), per_message)]
 
 
-def produce(endpoint: str, raw: bool, per_message: int, args: argparse.Namespace) -> None:
-    """Worker process: one warm-up message, then every message (raw: pre-encoded frames via a plain PUSH)."""
+def produce(conn: Connection, args: argparse.Namespace) -> None:
+    """Producer process: serves rounds on command, keeping its sockets and pre-built messages between them.
+
+    A command is (raw, per_message, endpoint); a round is one warm-up message and then every message.
+    Raw sends the pre-encoded frames of the same messages through a plain PUSH socket.
+    """
     torch.set_num_threads(1)
-    messages = make_messages(args, per_message)
-    if raw:
-        encoded = [encode(m) for m in messages]
-        context = zmq.Context()
-        push = context.socket(zmq.PUSH)
-        push.connect(endpoint)
-        for frames in [encoded[0], *encoded]:
-            push.send_multipart(frames, copy=False)
+    context = zmq.Context()
+    raw_sockets: dict[str, zmq.Socket] = {}
+    streams: dict[str, TrajectoryStream] = {}
+    messages: dict[int, list[list[Trajectory]]] = {}
+    encoded: dict[int, list[list]] = {}
+    while (command := conn.recv()) is not None:
+        raw, per_message, endpoint = command
+        if per_message not in messages:
+            messages[per_message] = make_messages(args, per_message)
+            encoded[per_message] = [encode(m) for m in messages[per_message]]
+        if raw:
+            if endpoint not in raw_sockets:
+                raw_sockets[endpoint] = context.socket(zmq.PUSH)
+                raw_sockets[endpoint].connect(endpoint)
+            push = raw_sockets[endpoint]
+            for frames in [encoded[per_message][0], *encoded[per_message]]:
+                push.send_multipart(frames, copy=False)
+        else:
+            if endpoint not in streams:
+                streams[endpoint] = TrajectoryStream(endpoint, TransportConfig(), linger_ms=-1)
+            stream = streams[endpoint]
+            for message in [messages[per_message][0], *messages[per_message]]:
+                stream.push(message)
+        conn.send("sent")
+    for stream in streams.values():
+        stream.close()
+    for push in raw_sockets.values():
         push.close(linger=-1)
-        context.term()
-        return
-    with TrajectoryStream(endpoint, TransportConfig(), linger_ms=-1) as stream:
-        for message in [messages[0], *messages]:
-            stream.push(message)
+    context.term()
 
 
-def time_transfer(raw: bool, per_message: int, args: argparse.Namespace) -> float:
-    """Seconds from the warm-up message to the last trajectory at the learner; producer in its own process."""
-    ctx = multiprocessing.get_context("spawn")
-    total = args.groups * args.group_size
-    if raw:
-        context = zmq.Context()
-        pull = context.socket(zmq.PULL)
-        port = pull.bind_to_random_port("tcp://127.0.0.1")
-        proc = ctx.Process(target=produce, args=(f"tcp://127.0.0.1:{port}", True, per_message, args))
-        proc.start()
+def time_raw_round(pull: zmq.Socket, conn: Connection, per_message: int, num_messages: int, endpoint: str) -> float:
+    """Seconds from the warm-up message to the last message at a plain PULL socket."""
+    conn.send((True, per_message, endpoint))
+    pull.recv_multipart(copy=False)
+    started = time.perf_counter()
+    for _ in range(num_messages):
         pull.recv_multipart(copy=False)
-        started = time.perf_counter()
-        for _ in range(-(-total // per_message)):
-            pull.recv_multipart(copy=False)
-        elapsed = time.perf_counter() - started
-        pull.close(linger=0)
-        context.term()
-    else:
-        with TrajectoryReceiver(TransportConfig()) as receiver:
-            proc = ctx.Process(target=produce, args=(receiver.endpoint, False, per_message, args))
-            proc.start()
-            assert len(receiver.get_batch(per_message, timeout=120)) == per_message
-            started = time.perf_counter()
-            got = 0
-            while got < total:
-                batch = receiver.get_batch(256, timeout=120)
-                assert batch, "the producer stopped sending"
-                got += len(batch)
-            elapsed = time.perf_counter() - started
-    proc.join(timeout=60)
+    elapsed = time.perf_counter() - started
+    conn.recv()
+    return elapsed
+
+
+def time_stream_round(receiver: TrajectoryReceiver, conn: Connection, per_message: int, total: int) -> float:
+    """Seconds from the warm-up message to the last trajectory handed out by the receiver."""
+    conn.send((False, per_message, receiver.endpoint))
+    assert len(receiver.get_batch(per_message, timeout=120)) == per_message
+    started = time.perf_counter()
+    got = 0
+    while got < total:
+        batch = receiver.get_batch(256, timeout=120)
+        assert batch, "the producer stopped sending"
+        got += len(batch)
+    elapsed = time.perf_counter() - started
+    conn.recv()
     return elapsed
 
 
 def bench_trajectories(args: argparse.Namespace) -> None:
     total = args.groups * args.group_size
     print(f"trajectories: {total} = {args.groups} groups x {args.group_size}, prompt {args.prompt_len} + completion "
-          f"{args.completion_len} tokens; producer in its own process; medians of {args.repeats}")
-    for per_message in (int(x) for x in args.per_message.split(",")):
-        nbytes = sum(message_bytes(encode(m)) for m in make_messages(args, per_message))
-        raw = statistics.median(time_transfer(True, per_message, args) for _ in range(args.repeats))
-        ours = statistics.median(time_transfer(False, per_message, args) for _ in range(args.repeats))
-        print(f"  {per_message:3d} per message ({nbytes / total:5.0f} B/traj): TrajectoryStream/Receiver "
-              f"{nbytes / ours / 1e6:7.1f} MB/s ({total / ours:6.0f} traj/s) | raw pyzmq {nbytes / raw / 1e6:7.1f} MB/s "
-              f"| ratio {raw / ours:.0%}")
+          f"{args.completion_len} tokens; producer in its own process; raw and ours in alternating rounds, "
+          f"medians of {args.repeats}")
+    ctx = multiprocessing.get_context("spawn")
+    conn, child_conn = ctx.Pipe()
+    proc = ctx.Process(target=produce, args=(child_conn, args), daemon=True)
+    proc.start()
+    context = zmq.Context()
+    pull = context.socket(zmq.PULL)
+    raw_endpoint = f"tcp://127.0.0.1:{pull.bind_to_random_port('tcp://127.0.0.1')}"
+    try:
+        with TrajectoryReceiver(TransportConfig()) as receiver:
+            for per_message in (int(x) for x in args.per_message.split(",")):
+                nbytes = sum(message_bytes(encode(m)) for m in make_messages(args, per_message))
+                num_messages = -(-total // per_message)
+                raw_s, ours_s = [], []
+                for _ in range(args.repeats):  # alternating, so both see the same share of a noisy machine
+                    raw_s.append(time_raw_round(pull, conn, per_message, num_messages, raw_endpoint))
+                    ours_s.append(time_stream_round(receiver, conn, per_message, total))
+                raw, ours = statistics.median(raw_s), statistics.median(ours_s)
+                ratio = statistics.median(r / o for r, o in zip(raw_s, ours_s))
+                print(f"  {per_message:3d} per message ({nbytes / total:5.0f} B/traj): TrajectoryStream/Receiver "
+                      f"{nbytes / ours / 1e6:7.1f} MB/s ({total / ours:6.0f} traj/s) | raw pyzmq "
+                      f"{nbytes / raw / 1e6:7.1f} MB/s | ratio {ratio:.0%} (median of per-round ratios)")
+    finally:
+        conn.send(None)
+        proc.join(timeout=60)
+        pull.close(linger=0)
+        context.term()
 
 
 def fake_weights(num_params: int, dtype: torch.dtype, device: torch.device) -> list[tuple[str, torch.Tensor]]:
@@ -167,7 +201,8 @@ def weights_rank(rank: int, world_size: int, args: argparse.Namespace, init: str
               f"{backend}, bucket {args.bucket_mb} MB, {args.repeats} repeats, medians")
         print(f"  WeightPublisher -> WeightReceiver: {nbytes / ours / 1e9:6.2f} GB/s ({ours * 1e3:.0f} ms; "
               f"publish() returned after {statistics.median(publish_s[1:]) * 1e3:.0f} ms: the snapshot copy)")
-        print(f"  one raw dist.broadcast of the same bytes: {nbytes / raw / 1e9:6.2f} GB/s ({raw * 1e3:.0f} ms)")
+        print(f"  one raw dist.broadcast of the same bytes: {nbytes / raw / 1e9:6.2f} GB/s ({raw * 1e3:.0f} ms) "
+              f"| ratio {raw / ours:.0%}")
     dist.barrier()
     dist.destroy_process_group()
 
@@ -185,7 +220,7 @@ def bench_weights(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["trajectories", "weights", "all"], nargs="?", default="all")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--groups", type=int, default=256)
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--prompt-len", type=int, default=256)

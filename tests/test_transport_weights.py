@@ -20,7 +20,14 @@ from async_grpo.config import TransportConfig
 from async_grpo.transport.control import WeightsListener
 from async_grpo.transport.endpoints import open_learner_sockets, read_endpoints
 from async_grpo.transport.sync_groups import SyncGroupSpec, make_sync_groups, sync_group_layout
-from async_grpo.transport.weight_buckets import decode_header, encode_header, pack_weights, unpack_buckets
+from async_grpo.transport import weights as weights_module
+from async_grpo.transport.weight_buckets import (
+    decode_header,
+    encode_header,
+    pack_weights,
+    pack_weights_into,
+    unpack_buckets,
+)
 from async_grpo.transport.weights import SyncTimeout, WeightPublisher, WeightReceiver
 
 BUCKET_MB = 0.001  # ~1 KiB: several buckets even for the tiny test model
@@ -72,6 +79,50 @@ def test_pack_rejects_duplicate_names_and_header_rejects_wrong_version():
     header = encode_header(5, pack_weights([("w", torch.zeros(2))], bucket_bytes=64))
     with pytest.raises(ValueError, match="weight header version 5: expected 6"):
         decode_header(header, version=6, num_buckets=1)
+
+
+def one_pass(named: dict[str, torch.Tensor]):
+    """The export as the learner yields it: a generator that can be read once."""
+    yield from named.items()
+
+
+def test_pack_into_refills_the_same_buckets_when_the_layout_repeats():
+    first = pack_weights_into(one_pass(model_weights(1)), None, bucket_bytes=1024)
+    pointers = [b.data.data_ptr() for b in first.buckets]
+    again = pack_weights_into(one_pass(model_weights(2)), first, bucket_bytes=1024)
+    assert again is first and [b.data.data_ptr() for b in again.buckets] == pointers
+    specs = decode_header(encode_header(2, again.buckets), version=2, num_buckets=len(again.buckets))
+    back = unpack_buckets(specs, [b.data for b in again.buckets])
+    expected = model_weights(2)
+    assert list(back) == list(expected) and all(bit_equal(back[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("change", ["reshaped", "retyped", "renamed", "added", "removed"])
+def test_pack_into_packs_afresh_and_exactly_when_the_layout_changes(change):
+    previous = pack_weights_into(one_pass(model_weights(1)), None, bucket_bytes=1024)
+    weights = model_weights(2)
+    if change == "reshaped":
+        weights["head.weight"] = weights["head.weight"].reshape(16, 8)
+    elif change == "retyped":
+        weights["layers.0.norm.weight"] = weights["layers.0.norm.weight"].double()
+    elif change == "renamed":
+        weights = {("head.w" if k == "head.weight" else k): v for k, v in weights.items()}
+    elif change == "added":
+        weights["tail.bias"] = torch.arange(3.0)
+    else:
+        del weights["mask"]
+    packed = pack_weights_into(one_pass(weights), previous, bucket_bytes=1024)
+    assert packed is not previous
+    specs = decode_header(encode_header(2, packed.buckets), version=2, num_buckets=len(packed.buckets))
+    back = unpack_buckets(specs, [b.data for b in packed.buckets])
+    assert sorted(back) == sorted(weights) and all(bit_equal(back[k], weights[k]) for k in weights)
+    assert [name for name, *_ in packed.slots] == list(weights)  # export order kept for the next refill
+
+
+def test_pack_into_still_rejects_a_duplicate_name_after_a_reused_prefix():
+    previous = pack_weights_into(one_pass({"a": torch.zeros(2), "b": torch.ones(2)}), None, bucket_bytes=64)
+    with pytest.raises(ValueError, match="'a' appears twice"):
+        pack_weights_into([("a", torch.zeros(2)), ("a", torch.ones(2))], previous, bucket_bytes=64)
 
 
 def test_sync_group_layout_pairs_learner_rank_zero_with_each_worker_group():
@@ -197,3 +248,88 @@ def test_group_that_never_joins_times_out_naming_group_and_version_while_the_oth
     assert 2.0 <= reports[0]["first_done_s"] < 15
     assert reports[1]["received"] == [(1, 1, True), (2, 2, True)]
     assert "group 'sync-a'" in reports[1]["receiver_timeout"] and "version 3" in reports[1]["receiver_timeout"]
+
+
+def run_reuse_rank(rank: int, port: int, results: multiprocessing.Queue) -> None:
+    """2 ranks: the learner publishes while the worker is late, then in step; each reports what it saw."""
+    torch.set_num_threads(1)
+    store = dist.TCPStore("127.0.0.1", port, world_size=2, is_master=rank == 0, timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=2, timeout=timedelta(seconds=60))
+    report: dict = {"rank": rank}
+    try:
+        group = dist.new_group([0, 1], backend="gloo", timeout=timedelta(seconds=30))
+        changed = {**model_weights(6), "tail.bias": torch.arange(3.0)}  # a layout change at version 6
+        if rank == 0:
+            packed_at: dict[int, int] = {}  # version -> address of its first bucket
+            real_pack = weights_module.pack_weights_into
+
+            def spy(named, reuse, bucket_bytes, device):
+                packed = real_pack(named, reuse, bucket_bytes, device)
+                packed_at[len(packed_at) + 1] = packed.buckets[0].data.data_ptr()
+                return packed
+
+            weights_module.pack_weights_into = spy
+            publisher = WeightPublisher({"sync-0": group}, bucket_mb=BUCKET_MB, timeout_s=30)
+            for version in (1, 2, 3):  # the worker joins late: 1 is in flight while 2 and then 3 are packed
+                publisher.publish(version, one_pass(model_weights(version)))
+            assert publisher.wait_idle(timeout=30)
+            for version in (4, 5):
+                publisher.publish(version, one_pass(model_weights(version)))
+                assert publisher.wait_idle(timeout=30)
+            publisher.publish(6, one_pass(changed))
+            assert publisher.wait_idle(timeout=30)
+            report["packed_at"] = packed_at
+            report["status"] = publisher.status()["sync-0"].sent_version
+            publisher.close()
+        else:
+            receiver = WeightReceiver(group, src_rank=0, timeout_s=30, name="sync-0")
+            time.sleep(1.5)
+            received, addresses = [], []
+            for _ in range(5):
+                version, weights = receiver.receive()
+                expected = changed if version == 6 else model_weights(version)
+                received.append((version, sorted(weights) == sorted(expected)  # names arrive in bucket order
+                                 and all(bit_equal(weights[k], expected[k]) for k in expected)))
+                addresses.append(weights["embed.weight"].data_ptr())
+            report["received"], report["addresses"] = received, addresses
+        dist.barrier()
+    except BaseException as err:  # reported, so the parent shows the real failure
+        report["error"] = repr(err)
+    results.put(report)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_snapshot_buffers_are_reused_but_never_overwritten_while_in_flight():
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=run_reuse_rank, args=(r, port, results), daemon=True) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        reports = {}
+        while len(reports) < 2:
+            report = results.get(timeout=90)
+            reports[report["rank"]] = report
+        for p in procs:
+            p.join(timeout=30)
+    except queue.Empty:
+        raise AssertionError("a rank did not report within 90 s") from None
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+    for rank, report in reports.items():
+        assert "error" not in report, f"rank {rank}: {report['error']}"
+    # 1 was being sent while 2 and 3 were packed: three buffer sets, all different. 3 replaced 2 unsent.
+    # Then 4 and 5 refill a spare set (the one 1 used, the most recently freed of the two kept spares).
+    at = reports[0]["packed_at"]
+    assert len({at[1], at[2], at[3]}) == 3
+    assert at[4] == at[5] == at[1]
+    assert reports[0]["status"] == 6
+    # The worker got 1 intact (not overwritten by 2 or 3 while it was late), skipped 2, and all exact.
+    assert reports[1]["received"] == [(1, True), (3, True), (4, True), (5, True), (6, True)]
+    # Same layout: the worker received into the same buffers each time until the layout changed.
+    addresses = reports[1]["addresses"]
+    assert addresses[0] == addresses[1] == addresses[2] == addresses[3]

@@ -7,7 +7,9 @@ closed learner is noticed) or drops the message and counts it (`on_full="drop"`)
 `immediate`, so nothing queues for a learner that is not connected, and ZeroMQ reconnects by itself.
 
 `TrajectoryReceiver` (the learner) binds a PULL socket; one background thread receives, validates
-(codec.decode) and puts trajectories on a bounded queue. A malformed message is counted as
+(codec.decode) and puts trajectories on a bounded queue. The thread waits inside a blocking receive
+with a short timeout (not a poll call per message), and the decoded tensors are views of the
+received frames, so a message costs one receive, one decode and one queue hand-off. A malformed message is counted as
 rejected and dropped, never raised. When the queue is full the thread either stops reading
 ("block": the socket's buffers fill and the workers feel the back-pressure) or drops and counts.
 Memory on both sides is bounded by the high-water marks, the queue size and `max_message_mb`.
@@ -19,8 +21,10 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Literal, Sequence
 
+import torch
 import zmq
 
 from async_grpo.config import TransportConfig
@@ -32,8 +36,11 @@ from async_grpo.transport.trajectory_queue import BoundedBatchQueue
 log = logging.getLogger(__name__)
 
 _POLL_MS = 100  # how often blocked loops look at their deadline and stop flag
-_DRAIN_BATCH = 64  # messages handled per poll() before the stop flag is looked at again
 _HEADER_ALLOWANCE = 0.9  # share of max_message_mb given to tensor bytes when splitting a push
+_COPY_BELOW = zmq.COPY_THRESHOLD  # bytes under which a frame is copied rather than sent zero-copy
+_prompt_of = attrgetter("prompt_ids")
+_completion_of = attrgetter("completion_ids")
+_numel = torch.Tensor.numel
 
 
 class PushTimeout(TimeoutError):
@@ -100,6 +107,10 @@ class TrajectoryStream:
         return sent_all
 
     def _chunks(self, trajs: list[Trajectory]) -> list[list[Trajectory]]:
+        # The usual push (a group well under the limit) is one message: sized with C-level sums first.
+        total = 4 * (sum(map(_numel, map(_prompt_of, trajs))) + 2 * sum(map(_numel, map(_completion_of, trajs))))
+        if total <= self._max_payload:
+            return [trajs]
         chunks: list[list[Trajectory]] = []
         size = 0
         for traj in trajs:
@@ -122,7 +133,7 @@ class TrajectoryStream:
         try:
             while True:
                 try:
-                    self._socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                    self._send_frames(frames)
                     break
                 except zmq.Again:
                     if self.on_full == "drop":
@@ -142,8 +153,20 @@ class TrajectoryStream:
             self.counters.blocked_s += time.monotonic() - started
         self.counters.sent += len(chunk)
         self.counters.messages += 1
-        self.counters.bytes += sum(memoryview(f).nbytes for f in frames)
+        self.counters.bytes += len(frames[0]) + sum(f.nbytes for f in frames[1:])  # header bytes + arrays
         return True
+
+    def _send_frames(self, frames: list) -> None:
+        """One multipart message, without waiting (zmq.Again when the send queue is full).
+
+        Large frames go without a copy; small ones are copied into ZeroMQ's message directly, which is
+        what pyzmq would do with them anyway, minus the Frame object it builds first. ZeroMQ checks the
+        high-water mark on the first part only, and rolls back the parts sent when a later one fails.
+        """
+        last = len(frames) - 1
+        for i, frame in enumerate(frames):
+            flags = zmq.NOBLOCK if i == last else zmq.NOBLOCK | zmq.SNDMORE
+            self._socket.send(frame, flags, copy=len(frame) < _COPY_BELOW if i == 0 else frame.nbytes < _COPY_BELOW)
 
     def close(self) -> None:
         """Close the socket (waiting at most the linger time for queued messages)."""
@@ -237,43 +260,46 @@ class TrajectoryReceiver:
             raise RuntimeError(f"trajectory receiver on {self.endpoint} stopped: {self._error!r}") from self._error
 
     def _run(self) -> None:
+        # A blocking receive that gives up every _POLL_MS to look at the stop flag: no poll call per message.
+        self._socket.rcvtimeo = _POLL_MS
         try:
             while not self._stop.is_set():
-                if self._socket.poll(_POLL_MS):
-                    self._drain()
+                try:
+                    frame = self._socket.recv(copy=False)
+                except zmq.Again:
+                    continue
+                frames = [frame]
+                while frame.more:  # the rest of a multipart message is already there: ZeroMQ delivers it whole
+                    frame = self._socket.recv(copy=False)
+                    frames.append(frame)
+                if not self._handle(frames):
+                    return
         except BaseException as err:  # kept for get() to raise: a dead receiver must not look idle
             self._error = err
         finally:
             self._socket.close(linger=0)
 
-    def _drain(self) -> None:
-        """Handle the messages already waiting (up to a batch) without a poll call per message."""
-        for _ in range(_DRAIN_BATCH):
-            try:
-                frames = self._socket.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
+    def _handle(self, frames: list[zmq.Frame]) -> bool:
+        """Decode one message and queue its trajectories; False when stopped while waiting for room."""
+        try:
+            trajs = decode(frames, self.max_message_bytes)
+        except MalformedMessage as err:
+            self._reject(err)
+            return True
+        with self._lock:
+            self._counters.received += 1
+            self._counters.accepted += len(trajs)
+        if self.on_full == "block":
+            return self._queue.put_all(trajs, self._stop.is_set)  # meanwhile the socket is not read
+        shed = self._queue.put_available(trajs)
+        if shed:
             with self._lock:
-                self._counters.received += 1
-            try:
-                trajs = decode(frames, self.max_message_bytes)
-            except MalformedMessage as err:
-                self._reject(err)
-                continue
-            del frames
-            with self._lock:
-                self._counters.accepted += len(trajs)
-            if self.on_full == "block":
-                if not self._queue.put_all(trajs, self._stop.is_set):  # meanwhile the socket is not read
-                    return
-            else:
-                shed = self._queue.put_available(trajs)
-                if shed:
-                    with self._lock:
-                        self._counters.dropped_full += shed
+                self._counters.dropped_full += shed
+        return True
 
     def _reject(self, err: MalformedMessage) -> None:
         with self._lock:
+            self._counters.received += 1
             self._counters.rejected += 1
             rejected = self._counters.rejected
         self.last_rejection = str(err)

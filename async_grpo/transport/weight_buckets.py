@@ -7,10 +7,15 @@ send from while training goes on. The header (msgpack) lists each bucket's dtype
 tensor's name, shape and offset, so receivers need no prior knowledge of the model: they learn the
 header's length from a fixed-size int64 tensor [MAGIC, version, header_bytes, num_buckets], then the
 header, then receive each bucket and cut it back into named views.
+
+Versions after the first usually have the same names, dtypes and shapes in the same order, so
+`pack_weights_into` copies them straight into the buckets of an earlier snapshot (no allocation, no
+page faults on fresh memory); the first tensor that differs sends it back to packing afresh.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -78,6 +83,62 @@ def pack_weights(
     for dtype in list(open_buckets):
         close(dtype)
     return done
+
+
+@dataclass(eq=False)  # identity: the publisher counts the users of each buffer set
+class PackedWeights:
+    """Buckets holding one export, and where each tensor went in export order (to refill them in place)."""
+
+    buckets: list[Bucket]
+    slots: list[tuple[str, torch.dtype, torch.Size, torch.Tensor]]  # (name, dtype, shape, view into a bucket)
+
+    @classmethod
+    def of(cls, buckets: list[Bucket], order: list[str]) -> "PackedWeights":
+        views = {}
+        for bucket in buckets:
+            for name, shape, offset in bucket.entries:
+                views[name] = bucket.data[offset : offset + math.prod(shape)].view(shape)
+        return cls(buckets, [(name, views[name].dtype, views[name].shape, views[name]) for name in order])
+
+
+def pack_weights_into(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], reuse: PackedWeights | None, bucket_bytes: int,
+    device: torch.device | str = "cpu",
+) -> PackedWeights:
+    """Pack like `pack_weights`, into `reuse`'s buckets when the export has exactly its layout.
+
+    Returns `reuse` itself when every tensor matched its slot, otherwise freshly allocated buckets.
+    Tensors already copied before a mismatch are packed again from the reused buckets, so an export
+    that is a one-pass generator (gathered pieces) is never iterated twice.
+    """
+    tensors = iter(named_tensors)
+    if reuse is not None:
+        filled = 0
+        for name, tensor in tensors:
+            if filled < len(reuse.slots):
+                slot_name, dtype, shape, view = reuse.slots[filled]
+                if name == slot_name and tensor.dtype == dtype and tensor.shape == shape:
+                    view.copy_(tensor.detach())
+                    filled += 1
+                    continue
+            done = [(slot[0], slot[3]) for slot in reuse.slots[:filled]]
+            return _pack_fresh(itertools.chain(done, [(name, tensor)], tensors), bucket_bytes, device)
+        if filled == len(reuse.slots):
+            return reuse
+        return _pack_fresh([(slot[0], slot[3]) for slot in reuse.slots[:filled]], bucket_bytes, device)
+    return _pack_fresh(tensors, bucket_bytes, device)
+
+
+def _pack_fresh(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
+                device: torch.device | str) -> PackedWeights:
+    order: list[str] = []
+
+    def recorded() -> Iterable[tuple[str, torch.Tensor]]:
+        for name, tensor in named_tensors:
+            order.append(name)
+            yield name, tensor
+
+    return PackedWeights.of(pack_weights(recorded(), bucket_bytes, device), order)
 
 
 def encode_header(version: int, buckets: list[Bucket]) -> bytes:
