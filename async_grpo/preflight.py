@@ -81,12 +81,6 @@ def check_curve(cfg: RunConfig) -> None:
     if not Path(curve.allowed_clients_dir).is_dir():
         raise ConfigError("transport.curve.allowed_clients_dir", curve.allowed_clients_dir,
                           "an existing directory of allowed public key files")
-    if cfg.transport.recv_hwm < 2:
-        # libzmq 4.3 signals a ZAP-authenticated PULL socket with a high-water mark of 1 as readable but
-        # never hands it a message: the learner would receive nothing.
-        raise ConfigError("transport.recv_hwm", cfg.transport.recv_hwm,
-                          "at least 2 when transport.curve.enabled is true (libzmq delivers nothing to a "
-                          "CURVE-authenticated socket whose receive high-water mark is 1)")
 
 
 def check_run_config(cfg: RunConfig) -> None:

@@ -196,7 +196,9 @@ class TrajectoryReceiver:
         self._context = zmq.Context()
         self._auth = start_authenticator(self._context, cfg.curve) if cfg.curve.enabled else None
         self._socket = self._context.socket(zmq.PULL)
-        self._socket.rcvhwm = cfg.recv_hwm
+        # libzmq 4.3 signals a CURVE (ZAP-authenticated) PULL socket with a receive high-water mark of 1 as
+        # readable but never hands it a message; 2 is the smallest mark that delivers.
+        self._socket.rcvhwm = max(cfg.recv_hwm, 2) if cfg.curve.enabled else cfg.recv_hwm
         self._socket.linger = 0
         # Refuse any single frame above the message limit inside ZeroMQ, before it is buffered.
         self._socket.maxmsgsize = self.max_message_bytes

@@ -89,16 +89,3 @@ def test_bad_config_exits_2_naming_key_value_and_expectation_before_start(case, 
     assert proc.stderr == f"async-grpo train: error: {message.format(config=LOCAL_CONFIG, tmp=tmp_path)}\n"
     assert "Traceback" not in proc.stdout + proc.stderr
     assert not out_dir.exists()  # no process of the run started (the learner creates it, each rank a pid file)
-
-
-def test_curve_with_a_receive_hwm_of_1_is_refused_before_start(tmp_path):
-    keys = write_curve_keys(tmp_path / "keys")
-    curve = [f"transport.curve.{k}={v}" for k, v in keys.model_dump().items()]
-    proc = run_train_cli([str(LOCAL_CONFIG), f"out_dir={tmp_path / 'run'}", *curve, "transport.recv_hwm=1"], 60)
-    assert proc.returncode == 2, proc.stderr
-    assert proc.stderr == (
-        "async-grpo train: error: config key 'transport.recv_hwm' = 1: expected at least 2 when "
-        "transport.curve.enabled is true (libzmq delivers nothing to a CURVE-authenticated socket whose receive "
-        "high-water mark is 1)\n"
-    )
-    assert not (tmp_path / "run").exists()

@@ -67,9 +67,9 @@ def test_with_curve_only_allowed_peers_deliver_and_their_garbage_is_counted(tmp_
     out = tmp_path / "run"
     kinds = malformed_messages(int(MAX_MESSAGE_MB * 2**20))
     allowed_garbage = list(kinds.values()) * 3
-    # recv_hwm=2: libzmq delivers nothing to a CURVE socket with a high-water mark of 1 (preflight refuses it).
+    # recv_hwm=1 as in configs/local.yaml: the receiver raises it to the 2 that CURVE needs.
     run = TrainingRun(out, [*SMALL_RUN, "trainer.max_steps=20", f"transport.max_message_mb={MAX_MESSAGE_MB}",
-                            "transport.recv_hwm=2", *curve])
+                            "transport.recv_hwm=1", *curve])
     try:
         run.wait_until(lambda: (out / "endpoints.json").exists(), 150, "the learner's endpoints")
         endpoint = _endpoint(out)
