@@ -20,6 +20,7 @@ import threading
 import zmq
 
 from async_grpo.config import TransportConfig
+from async_grpo.transport.binding import bind_socket
 from async_grpo.transport.curve import make_curve_client, make_curve_server, start_authenticator
 
 
@@ -43,14 +44,10 @@ class WeightsAnnouncer:
         if cfg.curve.enabled:
             make_curve_server(self._socket, cfg.curve)
         try:
-            if port == 0:
-                self.port = self._socket.bind_to_random_port(f"tcp://{host}")
-            else:
-                self._socket.bind(f"tcp://{host}:{port}")
-                self.port = port
-        except zmq.ZMQError as err:
+            self.port = bind_socket(self._socket, host, port, "weights announcer")
+        except ValueError:
             self._close_context()
-            raise ValueError(f"cannot bind the weights announcer to tcp://{host}:{port}: {err}") from None
+            raise
         self.endpoint = f"tcp://{host}:{self.port}"
         self._thread = threading.Thread(target=self._run, name="weights-announcer", daemon=True)
         self._thread.start()

@@ -28,6 +28,7 @@ import torch
 import zmq
 
 from async_grpo.config import TransportConfig
+from async_grpo.transport.binding import bind_socket
 from async_grpo.transport.codec import MalformedMessage, decode, encode, encoded_nbytes
 from async_grpo.transport.curve import make_curve_client, make_curve_server, start_authenticator
 from async_grpo.transport.trajectory import Trajectory
@@ -206,14 +207,10 @@ class TrajectoryReceiver:
             make_curve_server(self._socket, cfg.curve)
         port = cfg.port if port is None else port
         try:
-            if port == 0:
-                self.port = self._socket.bind_to_random_port(f"tcp://{host}")
-            else:
-                self._socket.bind(f"tcp://{host}:{port}")
-                self.port = port
-        except zmq.ZMQError as err:
+            self.port = bind_socket(self._socket, host, port, "trajectory receiver")
+        except ValueError:
             self._shutdown_context()
-            raise ValueError(f"cannot bind the trajectory receiver to tcp://{host}:{port}: {err}") from None
+            raise
         self.host = host
         self.endpoint = f"tcp://{host}:{self.port}"
         self._thread = threading.Thread(target=self._run, name="trajectory-receiver", daemon=True)
