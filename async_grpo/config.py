@@ -50,6 +50,10 @@ class KVConfig(_Section):
     # CUDA only: replay the decode step from CUDA graphs captured per batch-size bucket (fused backend).
     cuda_graphs: bool = True
     cuda_graph_max_rows: int = Field(512, ge=1)  # largest captured bucket; bigger decode batches run eagerly
+    # Decode attention reading each group's shared prompt blocks once for all its samples (Triton backend):
+    # "auto" uses it on steps where a group has >= 2 live samples sharing a full block, "on" whenever a
+    # group shares a full block (an error on other backends), "off" never.
+    shared_prefix: Literal["auto", "on", "off"] = "auto"
 
 
 class SamplingConfig(_Section):

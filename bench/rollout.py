@@ -13,8 +13,12 @@ Cases (`--cases`, comma-separated; default all three):
     8x8       8 prompts x 8 samples, 256 + 256
     32x16-1k  32 prompts x 16 samples, 1,024-token prompts, 256 new tokens
 
+`--shared-prefix on|off|both` sets the engine's `kv.shared_prefix` (default auto); `both` times the
+engine once with the shared-prefix decode path and once without, one row each (HF runs once per case).
+
     python bench/rollout.py                       # GPU, all cases
     python bench/rollout.py --cases 16x16 --also-eager --repeats 3
+    python bench/rollout.py --cases 32x16-1k --shared-prefix both --no-hf
     python bench/rollout.py --quick               # tiny preset on CPU in seconds (smoke test)
 """
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import random
 import statistics
 import sys
@@ -65,6 +70,8 @@ class Result:
     dense_blocks: int
     graph_steps: int
     decode_steps: int
+    shared_prefix: str = "auto"  # the engine's kv.shared_prefix
+    shared_steps: int = 0  # decode steps that took the shared-prefix path
 
     @property
     def speedup(self) -> float | None:
@@ -142,10 +149,13 @@ def median_tok_s(run, device: torch.device, repeats: int) -> float:
     return statistics.median(rates)
 
 
-def run_case(case: Case, model, hf, device: torch.device, dtype: torch.dtype, args) -> Result:
+def run_case(case: Case, model, hf, device: torch.device, dtype: torch.dtype, args,
+             shared_prefix: str = "auto", hf_rate: float | None = None) -> Result:
+    """Time the engine (and HF, unless `hf_rate` is already known) on `case`."""
     prompts = random_prompts(case, model.args.vocab_size, seed=case.prompts * 1000 + case.prompt_len)
     kv = KVConfig(block_size=args.block_size, num_blocks=blocks_needed(case, args.block_size),
-                  cuda_graph_max_rows=max(1, case.prompts * case.samples))
+                  cuda_graph_max_rows=max(1, case.prompts * case.samples), shared_prefix=shared_prefix,
+                  attention=args.attention)
 
     def measure(cuda_graphs: bool) -> tuple[float, GenerationEngine]:
         engine = GenerationEngine(model, kv.model_copy(update={"cuda_graphs": cuda_graphs}), device, dtype)
@@ -159,8 +169,7 @@ def run_case(case: Case, model, hf, device: torch.device, dtype: torch.dtype, ar
     del engine
     gc.collect()  # the engine and its graphs reference each other: free its pool before the next one
     eager_rate = measure(cuda_graphs=False)[0] if args.also_eager and not args.no_graphs else None
-    hf_rate = None
-    if hf is not None:
+    if hf is not None and hf_rate is None:
         warm = Case(case.name, 1, 1, case.prompt_len, 4)
         hf_generate(hf, prompts[:1], warm, device)
         hf_rate = median_tok_s(lambda: hf_generate(hf, prompts, case, device), device, args.hf_repeats or args.repeats)
@@ -168,7 +177,7 @@ def run_case(case: Case, model, hf, device: torch.device, dtype: torch.dtype, ar
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return Result(case.name, hf_rate, engine_rate, eager_rate, peak, dense_blocks(case, args.block_size),
-                  stats.graph_steps, stats.decode_steps)
+                  stats.graph_steps, stats.decode_steps, shared_prefix, stats.shared_prefix_steps)
 
 
 def fmt(x: float | None, spec: str) -> str:
@@ -178,7 +187,7 @@ def fmt(x: float | None, spec: str) -> str:
 def table(results: list[Result], cases: dict[str, Case], also_eager: bool) -> str:
     head = ["case", "prompts x samples", "prompt + new", "HF tok/s", "engine tok/s"]
     head += ["eager engine tok/s"] if also_eager else []
-    head += ["engine / HF", "peak KV blocks", "dense KV blocks", "graph steps"]
+    head += ["engine / HF", "peak KV blocks", "dense KV blocks", "graph steps", "shared prefix", "shared steps"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         c = cases[r.case]
@@ -186,7 +195,7 @@ def table(results: list[Result], cases: dict[str, Case], also_eager: bool) -> st
                fmt(r.engine_tok_s, ",.0f")]
         row += [fmt(r.eager_tok_s, ",.0f")] if also_eager else []
         row += [fmt(r.speedup, ".1f") + ("x" if r.speedup else ""), str(r.peak_blocks), str(r.dense_blocks),
-                f"{r.graph_steps}/{r.decode_steps}"]
+                f"{r.graph_steps}/{r.decode_steps}", r.shared_prefix, f"{r.shared_steps}/{r.decode_steps}"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -201,10 +210,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-hf", action="store_true", help="skip transformers generate()")
     parser.add_argument("--no-graphs", action="store_true", help="engine without CUDA graphs")
     parser.add_argument("--also-eager", action="store_true", help="also time the engine without CUDA graphs")
+    parser.add_argument("--shared-prefix", default="auto", choices=("auto", "on", "off", "both"),
+                        help="kv.shared_prefix of the engine; both: one timed row with it on, one with it off")
     parser.add_argument("--json", default=None, help="write the results here as JSON")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats {args.repeats}: expected at least 1")
+    modes = ["on", "off"] if args.shared_prefix == "both" else [args.shared_prefix]
+    # On CPU only the Triton interpreter runs the shared-prefix kernel; elsewhere "auto" picks the backend.
+    args.attention = "auto"
+    if args.quick and args.shared_prefix in ("on", "both"):
+        if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            parser.error(f"--quick --shared-prefix {args.shared_prefix} runs the Triton kernels on CPU: "
+                         "set TRITON_INTERPRET=1")
+        args.attention = "triton"
 
     if args.block_size is None:
         args.block_size = 4 if args.quick else 16
@@ -230,8 +249,11 @@ def main(argv: list[str] | None = None) -> int:
 
     results = []
     for case in cases.values():
-        results.append(run_case(case, model, hf, device, dtype, args))
-        print(table(results[-1:], cases, args.also_eager).splitlines()[-1], flush=True)
+        hf_rate = None
+        for mode in modes:
+            results.append(run_case(case, model, hf, device, dtype, args, mode, hf_rate))
+            hf_rate = results[-1].hf_tok_s
+            print(table(results[-1:], cases, args.also_eager).splitlines()[-1], flush=True)
     print()
     print(table(results, cases, args.also_eager))
     if args.json:

@@ -15,6 +15,10 @@ The engine's decode step can be captured in a CUDA graph only with a backend who
 attention has fixed shapes for a fixed batch, launches no host sync and skips padding rows
 (negative slot, zero context): `graph_capturable` says which. The torch reference sizes its
 gather by the step's longest context and flash-attn takes host-side maxima, so both run eagerly.
+
+Shared-prefix ("cascade") decode (`kv.shared_prefix`, kv/shared_prefix.py) is a Triton-backend
+path: when a decode step's metadata carries `shared_prefix`, each group's shared prompt blocks are
+read once for all its samples. `shared_prefix_mode` resolves the setting against the backend.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from async_grpo.model.attention_api import PagedAttention
 
 BACKENDS = ("torch", "triton", "flash")
 GRAPH_CAPTURABLE = ("triton",)
+SHARED_PREFIX_BACKENDS = ("triton",)
+SHARED_PREFIX_MODES = ("auto", "on", "off")
 FLASH_BLOCK_MULTIPLE = 256
 
 
@@ -94,16 +100,62 @@ def graph_capturable(backend: str) -> bool:
     return backend in GRAPH_CAPTURABLE
 
 
+def shared_prefix_mode(requested: str, backend: str) -> str:
+    """Resolve `kv.shared_prefix` for `backend`: "on", "auto" (decided per step) or "off".
+
+    "auto" on a backend without the shared-prefix kernel is "off"; "on" there is a ValueError.
+    """
+    if requested not in SHARED_PREFIX_MODES:
+        raise ValueError(f"kv.shared_prefix = {requested!r}: expected one of {SHARED_PREFIX_MODES}")
+    if backend in SHARED_PREFIX_BACKENDS or requested == "off":
+        return requested
+    if requested == "on":
+        raise ValueError(
+            f"kv.shared_prefix = 'on' needs the attention backend to be one of {SHARED_PREFIX_BACKENDS}, "
+            f"but this engine uses {backend!r}; set kv.attention = 'triton' or kv.shared_prefix = 'auto'"
+        )
+    return "off"
+
+
+def shared_prefix_splits(
+    num_rows: int, max_group_rows: int, num_q_heads: int, num_kv_heads: int, max_prefix_tokens: int, num_sms: int
+) -> int:
+    """Splits of the shared-prefix kernel for a step of `num_rows` rows, from sizes fixed per graph bucket.
+
+    The kernel runs programs for every group slot, a bound fixed per graph bucket, but the rows
+    usually fill about num_rows / max_group_rows groups; the other slots exit at once. Splits are
+    chosen to fill the GPU with the busy ones, as `choose_num_splits` would for that many groups.
+    """
+    from async_grpo.kv.shared_prefix import MAX_TILE_ROWS
+    from async_grpo.kv.triton_paged import choose_num_splits
+
+    rows_per_group = max_group_rows * (num_q_heads // num_kv_heads)
+    tile = min(MAX_TILE_ROWS, max(16, 1 << (rows_per_group - 1).bit_length()))
+    row_tiles = -(-rows_per_group // tile)
+    busy_groups = -(-num_rows // max_group_rows)
+    return choose_num_splits(busy_groups * row_tiles * num_kv_heads, max_prefix_tokens, num_sms)
+
+
 class TritonDecodeAttention:
-    """Fused Triton kernels for decode steps; the torch reference for multi-token steps."""
+    """Fused Triton kernels for decode steps (plain or shared-prefix); the torch reference for multi-token steps."""
 
     def __init__(self, pool: KVPool, meta: StepMetadata):
+        from async_grpo.kv.shared_prefix import GroupLayout, shared_prefix_decode_attention
         from async_grpo.kv.triton_kv_write import write_kv
-        from async_grpo.kv.triton_paged import paged_decode_attention
+        from async_grpo.kv.triton_paged import DEFAULT_SM_COUNT, paged_decode_attention, sm_count
 
         self.pool, self.meta = pool, meta
-        self._write_kv, self._decode = write_kv, paged_decode_attention
+        self._write_kv, self._decode, self._cascade = write_kv, paged_decode_attention, shared_prefix_decode_attention
         self._fallback = None if meta.is_decode else TorchPagedAttention(pool, meta)
+        self._layout = None
+        shared = meta.shared_prefix
+        if self._fallback is None and shared is not None:
+            g = shared.groups
+            # Built once per step from the step's buffers; every layer reuses it.
+            self._layout = GroupLayout(order=g.order, starts=g.starts, counts=g.counts, max_live=g.max_live)
+            dev = meta.block_tables.device
+            self._num_sms = sm_count(dev.index) if dev.type == "cuda" else DEFAULT_SM_COUNT
+            self._prefix_splits: int | None = None
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self._fallback is not None:
@@ -111,7 +163,26 @@ class TritonDecodeAttention:
         k_cache, v_cache = self.pool.key_cache[layer], self.pool.value_cache[layer]
         self._write_kv(k.to(k_cache.dtype), v.to(v_cache.dtype), k_cache, v_cache, self.meta.slot_mapping)
         scale = q.shape[-1] ** -0.5
+        if self._layout is not None:
+            return self._attend_shared(q, k_cache, v_cache, scale)
         out = self._decode(q.to(k_cache.dtype), k_cache, v_cache, self.meta.block_tables, self.meta.context_lens, scale)
+        return out.to(q.dtype)  # [B, Hq, D]
+
+    def _attend_shared(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        meta, shared = self.meta, self.meta.shared_prefix
+        assert shared is not None and self._layout is not None
+        if self._prefix_splits is None:
+            self._prefix_splits = shared_prefix_splits(
+                meta.num_seqs, self._layout.max_live, q.shape[1], k_cache.shape[2],
+                meta.block_tables.shape[1] * meta.block_size, self._num_sms,
+            )
+        g = shared.groups
+        out = self._cascade(
+            q.to(k_cache.dtype), k_cache, v_cache, g.prefix_block_tables, g.prefix_lens, self._layout,
+            shared.suffix_block_tables, shared.suffix_lens, scale, prefix_splits=self._prefix_splits,
+        )
         return out.to(q.dtype)  # [B, Hq, D]
 
 

@@ -14,6 +14,12 @@ Two ways to make it:
 
 Shapes: slot_mapping int64 [T]; block_tables int32 [B, max_blocks]; context_lens int32 [B] (tokens
 cached once this step's K/V are written); query_lens int32 [B]; cu_query_lens int32 [B + 1].
+
+A decode step may also carry `shared_prefix` (kv/shared_prefix.py's cascade kernel): the samples of
+one prompt share its full prompt blocks, so each row's context is split into its group's shared
+prefix (read once per group) and the row's own suffix. `PrefixGroups` says how rows group (built by
+the decode batch from host lists whenever its rows change); `for_decode` derives each row's suffix
+block table and length from it on the device, with fixed shapes, so the split stays capturable.
 """
 
 from __future__ import annotations
@@ -21,6 +27,39 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixGroups:
+    """How the B rows of a decode step group by shared prompt prefix, as the cascade kernel reads it.
+
+    S group slots (fixed per graph bucket): slot g holds a group's first index in `order`, its row
+    count, its shared prefix length and block table; unused slots have count 0. Every live row is in
+    one group; padding rows are too (groups with an empty prefix, so their output is defined) except
+    in the layout graph capture reads, which has no groups at all.
+    """
+
+    order: torch.Tensor  # int32 [B]: rows, group by group
+    row_prefix_blocks: torch.Tensor  # int32 [B]: shared full blocks of each row's group
+    starts: torch.Tensor  # int32 [S]: first index of group g in `order`
+    counts: torch.Tensor  # int32 [S]: rows in group g (0: an unused slot)
+    prefix_lens: torch.Tensor  # int32 [S]: tokens in group g's shared full blocks
+    prefix_block_tables: torch.Tensor  # int32 [S, max_blocks]: group g's blocks (the shared ones first)
+    # Bound on any count (host side): sizes the kernel's row tiles, fixed for a captured graph.
+    max_live: int
+
+    @property
+    def num_rows(self) -> int:
+        return self.order.shape[0]
+
+
+@dataclass(frozen=True, slots=True)
+class SharedPrefixMetadata:
+    """A decode step's context split into each group's shared prefix and each row's own suffix."""
+
+    groups: PrefixGroups
+    suffix_block_tables: torch.Tensor  # int32 [B, max_blocks]: row b's blocks after its group's prefix
+    suffix_lens: torch.Tensor  # int32 [B]: row b's tokens after the prefix, the new one included
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +73,8 @@ class StepMetadata:
     # Host copies of the maxima, so kernels never read them back from the device.
     max_query_len: int
     max_context_len: int
+    # Decode steps only: the shared-prefix split of every row's context (None: plain paged attention).
+    shared_prefix: SharedPrefixMetadata | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -87,7 +128,12 @@ class StepMetadata:
 
     @classmethod
     def for_decode(
-        cls, block_tables: torch.Tensor, positions: torch.Tensor, block_size: int, max_context_len: int
+        cls,
+        block_tables: torch.Tensor,
+        positions: torch.Tensor,
+        block_size: int,
+        max_context_len: int,
+        prefix_groups: PrefixGroups | None = None,
     ) -> "StepMetadata":
         """Decode metadata on the device: row b feeds the token at `positions[b]`.
 
@@ -95,6 +141,7 @@ class StepMetadata:
         position); positions int64 [B], -1 for a padding row. `max_context_len` is a host-side bound
         on the rows' context lengths (the torch and flash backends size their work by it). Padding
         rows are for the fused Triton kernels only: the torch reference needs every row valid.
+        With `prefix_groups` (B rows) the metadata also carries the shared-prefix split of every row.
         """
         if block_tables.dim() != 2 or block_tables.dtype != torch.int32:
             raise ValueError(
@@ -113,6 +160,9 @@ class StepMetadata:
         block = block_tables.gather(1, (pos // block_size).unsqueeze(1)).squeeze(1).long()  # [B]
         slots = torch.where(valid, block * block_size + pos % block_size, -1)  # [B]
         context = torch.where(valid, pos + 1, 0).to(torch.int32)  # [B]
+        shared = None
+        if prefix_groups is not None:
+            shared = _split_at_prefix(block_tables, pos, valid, block_size, prefix_groups)
         return cls(
             slot_mapping=slots,
             block_tables=block_tables,
@@ -122,4 +172,23 @@ class StepMetadata:
             block_size=block_size,
             max_query_len=1,
             max_context_len=max_context_len,
+            shared_prefix=shared,
         )
+
+
+def _split_at_prefix(
+    block_tables: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, block_size: int, groups: PrefixGroups
+) -> SharedPrefixMetadata:
+    """Each row's own blocks and tokens after its group's shared prefix, by device ops of fixed shape."""
+    rows, width = block_tables.shape
+    if groups.num_rows != rows or groups.row_prefix_blocks.dtype != torch.int32:
+        raise ValueError(
+            f"prefix groups cover {groups.num_rows} rows ({groups.row_prefix_blocks.dtype}): "
+            f"expected int32 buffers of the step's {rows} rows"
+        )
+    own_first = groups.row_prefix_blocks.long()  # [B]
+    # Shifted past the table's end, columns repeat its last one: like unused columns, beyond suffix_lens, never read.
+    cols = (own_first.unsqueeze(1) + torch.arange(width, device=pos.device)).clamp_max(width - 1)  # [B, W]
+    suffix_tables = block_tables.gather(1, cols)  # [B, W]
+    suffix_lens = torch.where(valid, pos + 1 - own_first * block_size, 0).to(torch.int32)  # [B]
+    return SharedPrefixMetadata(groups=groups, suffix_block_tables=suffix_tables, suffix_lens=suffix_lens)

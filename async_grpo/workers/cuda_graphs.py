@@ -15,6 +15,10 @@ Why replay is valid:
   write the KV pool.
 - sampling stays outside the graph: its parameters change per call and it is a dozen launches.
 
+The engine keeps one `DecodeGraphs` per kind of decode step (plain, shared-prefix); they share one
+memory pool, which is safe because the steps never run concurrently and each step's logits are
+consumed before the next replay.
+
 A capture that fails (an op that syncs with the host, out of memory, ...) is not fatal: a warning
 is logged and the engine decodes eagerly.
 """
@@ -46,13 +50,28 @@ def graph_buckets(max_rows: int) -> list[int]:
 class DecodeGraphs:
     """One captured decode forward per bucket; `forward(rows)` must return logits [rows, V] from static buffers."""
 
-    def __init__(self, forward: Callable[[int], torch.Tensor], max_rows: int, device: torch.device | str):
+    def __init__(
+        self,
+        forward: Callable[[int], torch.Tensor],
+        max_rows: int,
+        device: torch.device | str,
+        mempool: tuple[int, int] | None = None,
+    ):
         self.device = torch.device(device)
         if self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, got '{self.device}'")
         self.buckets = graph_buckets(max_rows)
         self._forward = forward
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # A borrowed pool belongs to graphs that outlive these; an own pool is made afresh per capture,
+        # since reusing the handle of a pool whose graphs were all freed is not allowed.
+        self._owns_pool = mempool is None
+        self._mempool = mempool
+
+    @property
+    def mempool(self) -> tuple[int, int] | None:
+        """The memory pool of the captured graphs, to share with other graphs while these live."""
+        return self._mempool
 
     @property
     def captured(self) -> bool:
@@ -70,7 +89,9 @@ class DecodeGraphs:
                         for _ in range(WARMUP_RUNS):
                             self._forward(rows)
                 torch.cuda.current_stream().wait_stream(side)
-                mempool = torch.cuda.graph_pool_handle()
+                if self._owns_pool:
+                    self._mempool = torch.cuda.graph_pool_handle()
+                mempool = self._mempool
                 for rows in reversed(self.buckets):
                     graph = torch.cuda.CUDAGraph()
                     # thread_local: CUDA work of other threads (transport, weight sync) does not break the capture.

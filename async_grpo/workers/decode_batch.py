@@ -21,6 +21,9 @@ by token, so admission's worst-case reservation and the peak block count are unc
 
 Finished rows are dropped by `remove`, which compacts the survivors in order with one gather and
 marks the vacated rows as padding (position -1) for CUDA-graph buckets larger than the batch.
+
+For the shared-prefix decode kernel the batch also keeps how its rows group by prompt
+(workers/prefix_groups.py): recomputed when rows join or leave, uploaded before the step that uses it.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ import numpy as np
 import torch
 
 from async_grpo.kv.pool import KVPool
-from async_grpo.kv.step_metadata import StepMetadata
+from async_grpo.kv.step_metadata import PrefixGroups, StepMetadata
+from async_grpo.workers.prefix_groups import PrefixGroupBuffers
 from async_grpo.workers.sequence import Sequence
 
 
@@ -55,6 +59,7 @@ class DecodeBatch:
         )  # [capacity, max_blocks]
         self.positions = torch.full((capacity,), -1, dtype=torch.int64, device=self.device)  # [capacity]
         self.last_tokens = torch.zeros(capacity, dtype=torch.int64, device=self.device)  # [capacity]
+        self.prefix_buffers = PrefixGroupBuffers(capacity, self.max_blocks, self.block_size, self.device)
 
     @property
     def num_rows(self) -> int:
@@ -107,6 +112,7 @@ class DecodeBatch:
         self.last_tokens[r : r + k] = dev[:, 1]
         self.block_tables[r : r + k] = dev[:, 2:].to(torch.int32)
         self.seqs.extend(seqs)
+        self.prefix_buffers.rows_changed()
         self.lens = np.concatenate([self.lens, lens])
         self.slots = np.concatenate([self.slots, np.fromiter((s.slot for s in seqs), dtype=np.int64, count=k)])
 
@@ -128,9 +134,24 @@ class DecodeBatch:
         self.block_tables[patch[0], patch[1]] = patch[2].to(torch.int32)
         return int(crossing.size)
 
-    def metadata(self, rows: int, max_context_len: int) -> StepMetadata:
-        """The step's attention metadata over the first `rows` rows (rows past num_rows are padding)."""
-        return StepMetadata.for_decode(self.block_tables[:rows], self.positions[:rows], self.block_size, max_context_len)
+    def metadata(self, rows: int, max_context_len: int, prefix_groups: PrefixGroups | None = None) -> StepMetadata:
+        """The step's attention metadata over the first `rows` rows (rows past num_rows are padding),
+        with the shared-prefix split when `prefix_groups` (from `prefix_groups`) is given."""
+        return StepMetadata.for_decode(
+            self.block_tables[:rows], self.positions[:rows], self.block_size, max_context_len, prefix_groups
+        )
+
+    def shares_prefix(self, min_rows: int) -> bool:
+        """Whether some group has at least `min_rows` live rows and at least one shared full prompt block."""
+        return self.prefix_buffers.largest_sharing_group(self.seqs) >= min_rows
+
+    def refresh_prefix_groups(self, rows: int | None, max_group_rows: int) -> None:
+        """Upload the rows' grouping by prompt for a step of `rows` rows (None: any), if it changed."""
+        self.prefix_buffers.refresh(self.seqs, self.block_tables, rows, max_group_rows)
+
+    def prefix_groups(self, rows: int, slots: int, max_group_rows: int) -> PrefixGroups:
+        """The uploaded grouping of rows [0, rows) in `slots` group slots (see workers/prefix_groups.py)."""
+        return self.prefix_buffers.view(rows, slots, max_group_rows)
 
     def advance(self, tokens: torch.Tensor) -> None:
         """Every row fed its token and sampled `tokens` [R]: that is what each feeds next, one position on."""
@@ -155,6 +176,7 @@ class DecodeBatch:
             self.last_tokens[:k] = self.last_tokens.index_select(0, idx)
         self.positions[k:r] = -1
         self.seqs = [self.seqs[i] for i in keep.tolist()]
+        self.prefix_buffers.rows_changed()
         self.lens = self.lens[keep]
         self.slots = self.slots[keep]
 
@@ -162,5 +184,6 @@ class DecodeBatch:
         """Drop every row (weights changed, the generation was aborted, or a new one starts)."""
         self.positions.fill_(-1)
         self.seqs = []
+        self.prefix_buffers.rows_changed()
         self.lens = np.zeros(0, dtype=np.int64)
         self.slots = np.zeros(0, dtype=np.int64)

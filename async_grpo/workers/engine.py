@@ -10,6 +10,14 @@
   tensor ops; the slot mapping is computed on the device; the host only hands out a new block when a
   row crosses a block boundary. On CUDA the forward is replayed from a CUDA graph captured per
   batch-size bucket (workers/cuda_graphs.py; `kv.cuda_graphs`), else it runs eagerly;
+- shared-prefix decode (`kv.shared_prefix`, Triton backend): the samples of a prompt share its full
+  prompt blocks (the fork made them so), so a decode step may read each group's shared blocks once
+  for all its live samples and only each sample's own blocks per row (kv/shared_prefix.py). "auto"
+  takes that path on steps where some group has >= 2 live samples and >= 1 shared block, unless
+  only the plain step has a captured graph for the batch (an eager step costs more than the shared
+  path saves); "on" takes it whenever a group shares a block. It has its own set of graphs,
+  captured for the call's number of prompts and samples per prompt n (they bound the groups and a
+  group's live rows, which fix the kernel's grid), and recaptured only when those change;
 - catch-up step (only after a weight update): re-prefilled samples feed all their generated tokens
   in one varlen forward, then rejoin the decode batch.
 
@@ -38,11 +46,12 @@ import torch
 import torch.distributed as dist
 
 from async_grpo.config import KVConfig, SamplingConfig
-from async_grpo.kv.backend import graph_capturable, select_backend, step_attention
+from async_grpo.kv.backend import graph_capturable, select_backend, shared_prefix_mode, step_attention
 from async_grpo.kv.pool import KVPool, KVPoolStats
 from async_grpo.kv.step_metadata import StepMetadata
 from async_grpo.workers.cuda_graphs import DecodeGraphs
 from async_grpo.workers.decode_batch import DecodeBatch
+from async_grpo.workers.prefix_groups import group_slots
 from async_grpo.workers.sampling import make_generator, sample_tokens
 from async_grpo.workers.scheduler import Scheduler, StepPlan
 from async_grpo.workers.sequence import Completion, Sequence, SequenceGroup
@@ -79,6 +88,7 @@ class GenerationStats:
     steps: int = 0
     decode_steps: int = 0  # steps served by the device-side decode batch
     graph_steps: int = 0  # decode steps replayed from a CUDA graph
+    shared_prefix_steps: int = 0  # decode steps that read shared prompt blocks once per group
     weight_updates: int = 0
     peak_blocks_in_use: int = 0
 
@@ -97,6 +107,7 @@ class GenerationEngine:
         self.device = torch.device(device)
         self.tp_group = tp_group
         self.backend = select_backend(kv_cfg.attention, self.device, kv_cfg.block_size)
+        self.shared_prefix = shared_prefix_mode(kv_cfg.shared_prefix, self.backend)  # "on" | "auto" | "off"
         self.pool = KVPool(
             kv_cfg, model.num_layers, model.num_kv_heads_local, model.head_dim, self.device, dtype
         )
@@ -110,8 +121,13 @@ class GenerationEngine:
         # A row never holds more blocks than a sequence of the model's longest context, nor the whole pool.
         max_blocks = min(-(-self.args.max_position_embeddings // self.pool.block_size), self.pool.num_blocks)
         self.decode_batch = DecodeBatch(self.pool, max_blocks, kv_cfg.cuda_graph_max_rows, self.device)
-        self.graphs: DecodeGraphs | None = None
-        if self._graphs_apply(kv_cfg):
+        self.graphs: DecodeGraphs | None = None  # plain decode step
+        self.shared_graphs: DecodeGraphs | None = None  # shared-prefix decode step
+        self._shared_graphs_for: tuple[int, int] | None = None  # (prompts, n) they were last captured for
+        # The current call's prompts and samples per prompt: they bound the groups and a group's live rows.
+        self._num_prompts, self._group_size = 1, 1
+        self._graphs_enabled = self._graphs_apply(kv_cfg)
+        if self._graphs_enabled:
             self.graphs = DecodeGraphs(self._graph_forward, kv_cfg.cuda_graph_max_rows, self.device)
             self._capture_graphs()
 
@@ -122,9 +138,30 @@ class GenerationEngine:
 
     def _capture_graphs(self) -> None:
         assert self.graphs is not None and self.decode_batch.num_rows == 0
+        self.shared_graphs, self._shared_graphs_for = None, None  # they read the same buffers: recaptured later
         with torch.inference_mode():
             if not self.graphs.capture():
                 self.graphs = None
+
+    def _capture_shared_graphs(self) -> None:
+        """Shared-prefix graphs for the current call's prompts and n (same memory pool as the plain ones)."""
+        assert self.graphs is not None and self.decode_batch.num_rows == 0
+        self._shared_graphs_for = (self._num_prompts, self._group_size)
+        self.shared_graphs = DecodeGraphs(
+            lambda rows: self._graph_forward(rows, shared=True), self.graphs.buckets[-1], self.device,
+            mempool=self.graphs.mempool,
+        )
+        # Capture reads the buffers: no rows, no groups, so every bucket's programs do nothing out of bounds.
+        self.decode_batch.refresh_prefix_groups(None, self._group_size)
+        with torch.inference_mode():
+            if not self.shared_graphs.capture():
+                self.shared_graphs = None
+
+    def _may_share_prefix(self, prompts: list[list[int]], n: int) -> bool:
+        """Whether a decode step of this call can take the shared-prefix path at all."""
+        if self.shared_prefix == "off" or all(len(p) < self.pool.block_size for p in prompts):
+            return False
+        return n >= 2 or self.shared_prefix == "on"
 
     # ---- public ------------------------------------------------------------------------------
 
@@ -148,6 +185,10 @@ class GenerationEngine:
         self.decode_batch.clear()
         if self.decode_batch.reserve(len(prompts) * n) and self.graphs is not None:
             self._capture_graphs()  # the buffers moved: graphs must read the new ones
+        self._num_prompts, self._group_size = max(1, len(prompts)), n
+        wants_shared_graphs = self._graphs_enabled and self.graphs is not None and self._may_share_prefix(prompts, n)
+        if wants_shared_graphs and self._shared_graphs_for != (self._num_prompts, n):
+            self._capture_shared_graphs()
         self.stopped = False
         known_version = getattr(control, "version", None)
         if isinstance(known_version, int) and known_version >= 0:
@@ -206,12 +247,20 @@ class GenerationEngine:
         batch = self.decode_batch
         rows = batch.num_rows
         batch.grow_blocks()
-        bucket = self.graphs.bucket_for(rows) if self.graphs is not None else None
+        plain_bucket = self.graphs.bucket_for(rows) if self.graphs is not None else None
+        shared_bucket = self.shared_graphs.bucket_for(rows) if self.shared_graphs is not None else None
+        shared = self._takes_shared_path(plain_bucket is not None, shared_bucket is not None)
+        graphs, bucket = (self.shared_graphs, shared_bucket) if shared else (self.graphs, plain_bucket)
+        if shared:
+            # Before the replay (the graph reads the buffers): rows past the live ones are the bucket's padding.
+            batch.refresh_prefix_groups(rows if bucket is None else bucket, self._group_size)
+            step.stats.shared_prefix_steps += 1
         if bucket is not None:
-            logits = self.graphs.replay(bucket)[:rows]  # [R, V]
+            assert graphs is not None
+            logits = graphs.replay(bucket)[:rows]  # [R, V]
             step.stats.graph_steps += 1
         else:
-            logits = self._decode_forward(rows, batch.max_context_len())  # [R, V]
+            logits = self._decode_forward(rows, batch.max_context_len(), shared)  # [R, V]
         tokens, logprobs = sample_tokens(logits, step.params, step.generator)  # [R], [R]
         is_stop = torch.isin(tokens, step.stop_tensor)  # [R]
         # fp64 holds int token ids, fp32 logprobs and flags exactly: one transfer for all three.
@@ -221,17 +270,30 @@ class GenerationEngine:
         batch.remove(finished)
         step.stats.decode_steps += 1
 
-    def _decode_forward(self, rows: int, max_context_len: int) -> torch.Tensor:
+    def _takes_shared_path(self, plain_graph: bool, shared_graph: bool) -> bool:
+        """Whether this decode step reads shared prompt blocks once per group (see the module docstring)."""
+        if self.shared_prefix == "off":
+            return False
+        if self.shared_prefix == "on":
+            return self.decode_batch.shares_prefix(min_rows=1)
+        # auto: a sharing group, and no eager step where the plain step would replay a graph.
+        return self.decode_batch.shares_prefix(min_rows=2) and (shared_graph or not plain_graph)
+
+    def _decode_forward(self, rows: int, max_context_len: int, shared: bool = False) -> torch.Tensor:
         """Logits [rows, V] of the decode batch's first `rows` rows (rows past num_rows are padding)."""
         batch = self.decode_batch
-        meta = batch.metadata(rows, max_context_len)
+        groups = None
+        if shared:
+            slots = group_slots(rows, self._num_prompts, self._group_size)
+            groups = batch.prefix_groups(rows, slots, self._group_size)
+        meta = batch.metadata(rows, max_context_len, groups)
         attn = step_attention(self.backend, self.pool, meta)
         positions = batch.positions[:rows].clamp_min(0)  # [rows]; padding rows sit at position 0
         return self.model.forward_paged(batch.last_tokens[:rows], positions, attn)
 
-    def _graph_forward(self, rows: int) -> torch.Tensor:
+    def _graph_forward(self, rows: int, shared: bool = False) -> torch.Tensor:
         # The fused kernels bound their work by the block tables' width, not by this host-side maximum.
-        return self._decode_forward(rows, self.decode_batch.max_blocks * self.pool.block_size)
+        return self._decode_forward(rows, self.decode_batch.max_blocks * self.pool.block_size, shared)
 
     # ---- prefill and catch-up steps (host-built varlen metadata) ------------------------------
 
