@@ -52,8 +52,9 @@ class KVConfig(_Section):
     cuda_graph_max_rows: int = Field(512, ge=1)  # largest captured bucket; bigger decode batches run eagerly
     # Decode attention reading each group's shared prompt blocks once for all its samples (Triton backend):
     # "auto" uses it on steps where a group has >= 2 live samples sharing a full block, "on" whenever a
-    # group shares a full block (an error on other backends), "off" never.
-    shared_prefix: Literal["auto", "on", "off"] = "auto"
+    # group shares a full block (an error on other backends), "off" never. Off by default until its
+    # CUDA-graph path has run on a GPU (its kernel has; the engine integration is checked on CPU only).
+    shared_prefix: Literal["auto", "on", "off"] = "off"
 
 
 class SamplingConfig(_Section):
