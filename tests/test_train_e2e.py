@@ -86,7 +86,7 @@ def test_sync_mode_trains_only_on_the_current_policy(tmp_path):
 
 @pytest.mark.slow
 def test_embedded_default_learns_within_five_minutes(tmp_path):
-    """README: the embedded default's mean reward over its last 10 steps is >= 0.2 and >= 2x its first 10."""
+    """README: the embedded default's mean reward over its last 10 steps is >= 0.25 and >= 2x its first 10."""
     out = tmp_path / "run"
     started = time.monotonic()
     proc = _train(out, timeout=420)
@@ -94,7 +94,7 @@ def test_embedded_default_learns_within_five_minutes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     rewards = [r["reward_mean"] for r in _metrics(out)]
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
-    assert last >= 2 * first and last >= 0.2, (first, last)
+    assert last >= 2 * first and last >= 0.25, (first, last)
     assert wall < 300, wall
 
 
