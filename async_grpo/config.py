@@ -55,6 +55,9 @@ class KVConfig(_Section):
     # group shares a full block (an error on other backends), "off" never. Off by default until its
     # CUDA-graph path has run on a GPU (its kernel has; the engine integration is checked on CPU only).
     shared_prefix: Literal["auto", "on", "off"] = "off"
+    # Generation forward through fused kernels (model/fused_ops.py): one q|k|v and one gate|up GEMM per
+    # layer, fused add + RMSNorm, RoPE and SwiGLU. Off by default until measured on a GPU.
+    fused_decode_ops: bool = False
 
 
 class SamplingConfig(_Section):

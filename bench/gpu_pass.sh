@@ -17,8 +17,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu
 "$py" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$out/gpu.txt"
 step tests 150 "$py" -m pytest -q -rs tests/test_engine_cuda_graphs.py tests/test_model_gpu.py \
   tests/test_kernels_paged.py tests/test_kernels_shared_prefix.py tests/test_engine_backends.py \
-  tests/test_engine_shared_prefix.py
-step rollout_16x16 150 "$py" bench/rollout.py --cases 16x16 --also-eager --repeats 3 --hf-repeats 1
+  tests/test_engine_shared_prefix.py tests/test_model_fused_ops.py
+step rollout_16x16 240 "$py" bench/rollout.py --cases 16x16 --also-eager --repeats 3 --hf-repeats 1 --fused-ops both
 step single_gpu 170 "$py" -m async_grpo train configs/single_gpu.yaml out_dir=/tmp/single_gpu trainer.max_steps=25
 cp /tmp/single_gpu/metrics.jsonl "$out/single_gpu_metrics.jsonl" 2>/dev/null
 step rollout_shared 200 "$py" bench/rollout.py --cases 32x16-1k --shared-prefix both --repeats 3 --no-hf

@@ -15,10 +15,14 @@ Cases (`--cases`, comma-separated; default all three):
 
 `--shared-prefix on|off|both` sets the engine's `kv.shared_prefix` (default auto); `both` times the
 engine once with the shared-prefix decode path and once without, one row each (HF runs once per case).
+`--fused-ops on|off|both` sets `kv.fused_decode_ops` (default off) the same way: the generation forward
+through the fused kernels of model/fused_ops.py (fused q|k|v and gate|up GEMMs, add + RMSNorm, RoPE,
+SwiGLU) or the eager layers. With both flags at `both`, every combination gets a row.
 
     python bench/rollout.py                       # GPU, all cases
     python bench/rollout.py --cases 16x16 --also-eager --repeats 3
     python bench/rollout.py --cases 32x16-1k --shared-prefix both --no-hf
+    python bench/rollout.py --cases 16x16 --fused-ops both --repeats 3 --hf-repeats 1
     python bench/rollout.py --quick               # tiny preset on CPU in seconds (smoke test)
 """
 
@@ -72,6 +76,7 @@ class Result:
     decode_steps: int
     shared_prefix: str = "auto"  # the engine's kv.shared_prefix
     shared_steps: int = 0  # decode steps that took the shared-prefix path
+    fused_ops: bool = False  # the engine's kv.fused_decode_ops
 
     @property
     def speedup(self) -> float | None:
@@ -150,12 +155,12 @@ def median_tok_s(run, device: torch.device, repeats: int) -> float:
 
 
 def run_case(case: Case, model, hf, device: torch.device, dtype: torch.dtype, args,
-             shared_prefix: str = "auto", hf_rate: float | None = None) -> Result:
+             shared_prefix: str = "auto", hf_rate: float | None = None, fused_ops: bool = False) -> Result:
     """Time the engine (and HF, unless `hf_rate` is already known) on `case`."""
     prompts = random_prompts(case, model.args.vocab_size, seed=case.prompts * 1000 + case.prompt_len)
     kv = KVConfig(block_size=args.block_size, num_blocks=blocks_needed(case, args.block_size),
                   cuda_graph_max_rows=max(1, case.prompts * case.samples), shared_prefix=shared_prefix,
-                  attention=args.attention)
+                  attention=args.attention, fused_decode_ops=fused_ops)
 
     def measure(cuda_graphs: bool) -> tuple[float, GenerationEngine]:
         engine = GenerationEngine(model, kv.model_copy(update={"cuda_graphs": cuda_graphs}), device, dtype)
@@ -177,7 +182,7 @@ def run_case(case: Case, model, hf, device: torch.device, dtype: torch.dtype, ar
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return Result(case.name, hf_rate, engine_rate, eager_rate, peak, dense_blocks(case, args.block_size),
-                  stats.graph_steps, stats.decode_steps, shared_prefix, stats.shared_prefix_steps)
+                  stats.graph_steps, stats.decode_steps, shared_prefix, stats.shared_prefix_steps, fused_ops)
 
 
 def fmt(x: float | None, spec: str) -> str:
@@ -187,7 +192,8 @@ def fmt(x: float | None, spec: str) -> str:
 def table(results: list[Result], cases: dict[str, Case], also_eager: bool) -> str:
     head = ["case", "prompts x samples", "prompt + new", "HF tok/s", "engine tok/s"]
     head += ["eager engine tok/s"] if also_eager else []
-    head += ["engine / HF", "peak KV blocks", "dense KV blocks", "graph steps", "shared prefix", "shared steps"]
+    head += ["engine / HF", "peak KV blocks", "dense KV blocks", "graph steps", "shared prefix", "shared steps",
+             "fused ops"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         c = cases[r.case]
@@ -195,7 +201,8 @@ def table(results: list[Result], cases: dict[str, Case], also_eager: bool) -> st
                fmt(r.engine_tok_s, ",.0f")]
         row += [fmt(r.eager_tok_s, ",.0f")] if also_eager else []
         row += [fmt(r.speedup, ".1f") + ("x" if r.speedup else ""), str(r.peak_blocks), str(r.dense_blocks),
-                f"{r.graph_steps}/{r.decode_steps}", r.shared_prefix, f"{r.shared_steps}/{r.decode_steps}"]
+                f"{r.graph_steps}/{r.decode_steps}", r.shared_prefix, f"{r.shared_steps}/{r.decode_steps}",
+                "on" if r.fused_ops else "off"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -212,11 +219,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--also-eager", action="store_true", help="also time the engine without CUDA graphs")
     parser.add_argument("--shared-prefix", default="auto", choices=("auto", "on", "off", "both"),
                         help="kv.shared_prefix of the engine; both: one timed row with it on, one with it off")
+    parser.add_argument("--fused-ops", default="off", choices=("on", "off", "both"),
+                        help="kv.fused_decode_ops of the engine; both: one timed row with it on, one with it off")
     parser.add_argument("--json", default=None, help="write the results here as JSON")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats {args.repeats}: expected at least 1")
     modes = ["on", "off"] if args.shared_prefix == "both" else [args.shared_prefix]
+    fused_modes = {"on": [True], "off": [False], "both": [False, True]}[args.fused_ops]
     # On CPU only the Triton interpreter runs the shared-prefix kernel; elsewhere "auto" picks the backend.
     args.attention = "auto"
     if args.quick and args.shared_prefix in ("on", "both"):
@@ -224,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--quick --shared-prefix {args.shared_prefix} runs the Triton kernels on CPU: "
                          "set TRITON_INTERPRET=1")
         args.attention = "triton"
+    # On plain CPU the fused ops run their torch references; under TRITON_INTERPRET=1 their kernels.
 
     if args.block_size is None:
         args.block_size = 4 if args.quick else 16
@@ -251,9 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     for case in cases.values():
         hf_rate = None
         for mode in modes:
-            results.append(run_case(case, model, hf, device, dtype, args, mode, hf_rate))
-            hf_rate = results[-1].hf_tok_s
-            print(table(results[-1:], cases, args.also_eager).splitlines()[-1], flush=True)
+            for fused in fused_modes:
+                results.append(run_case(case, model, hf, device, dtype, args, mode, hf_rate, fused))
+                hf_rate = results[-1].hf_tok_s
+                print(table(results[-1:], cases, args.also_eager).splitlines()[-1], flush=True)
     print()
     print(table(results, cases, args.also_eager))
     if args.json:

@@ -6,6 +6,10 @@
   of all sequences flattened with no padding; every layer hands its post-RoPE q/k/v to
   `attn.attend(layer, q, k, v)` (the seam in `attention_api.py`, implemented by kv/), which stores k/v
   in the paged pool and returns the attention output. Only `logits_rows` reach the lm_head.
+  With `fused_ops=True` the same maths runs through fewer, fused kernels (model/fused_decode.py:
+  one q|k|v and one gate|up GEMM per layer over concatenated copies of the weights, fused
+  add + RMSNorm, RoPE and SwiGLU); `prepare_fused_decode()` builds those copies once, and
+  `load_full_state_dict` keeps them equal to the parameters in place.
 
 Parameter names are exactly Hugging Face's (`model.layers.{i}.self_attn.q_proj.weight`, ...), so state
 dicts, checkpoints and weight broadcasts need no renaming. Under tensor parallelism (`tp_group`) the
@@ -24,6 +28,7 @@ from torch import nn
 
 from async_grpo.model.args import ModelArgs
 from async_grpo.model.attention_api import PagedAttention
+from async_grpo.model.fused_decode import FusedDecodeWeights, fused_paged_layers
 from async_grpo.model.rope import RotaryEmbedding, apply_rope
 from async_grpo.model.tensor_parallel import (
     SHARDED_LAYERS,
@@ -153,6 +158,8 @@ class Decoder(nn.Module):
             self._register_state_dict_hook(_drop_tied_head)
             self.register_load_state_dict_post_hook(_forgive_missing_tied_head)
         self.rotary = RotaryEmbedding(args, device)
+        # Concatenated projection weights of the fused generation path; built by prepare_fused_decode().
+        self._fused_decode: FusedDecodeWeights | None = None
 
     # ---- sizes the KV pool and the engine need (local = this tensor-parallel rank's share) ----
     @property
@@ -210,17 +217,43 @@ class Decoder(nn.Module):
 
     # ---- generation path ----
     def forward_paged(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: PagedAttention,
-                      logits_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids, positions [T] (all sequences flattened) -> logits [R, V] for `logits_rows` (all if None)."""
+                      logits_rows: torch.Tensor | None = None, fused_ops: bool = False) -> torch.Tensor:
+        """input_ids, positions [T] (all sequences flattened) -> logits [R, V] for `logits_rows` (all if None).
+
+        fused_ops=True runs the fused kernels (the weights' fused copies are built on first use unless
+        `prepare_fused_decode` already built them; build them before capturing a CUDA graph).
+        """
         if input_ids.dim() != 1 or positions.shape != input_ids.shape:
             raise ValueError(
                 f"input_ids {tuple(input_ids.shape)} and positions {tuple(positions.shape)}: "
                 "expected two 1-D tensors of the same length [T]"
             )
-        hidden = self._run_layers(input_ids, positions, attn.attend)  # [T, H]
+        if fused_ops:
+            if self._fused_decode is None:
+                self.prepare_fused_decode()
+            assert self._fused_decode is not None
+            hidden = fused_paged_layers(self, self._fused_decode, input_ids, positions, attn.attend)  # [T, H]
+        else:
+            hidden = self._run_layers(input_ids, positions, attn.attend)  # [T, H]
         if logits_rows is not None:
             hidden = hidden.index_select(0, logits_rows)  # [R, H]
         return self.lm_head(hidden)
+
+    def prepare_fused_decode(self) -> None:
+        """Build the fused q|k|v and gate|up weight copies of `forward_paged(fused_ops=True)`.
+
+        Built once: a later call refreshes them in place (CUDA graphs of other engines on this model read
+        them), unless the model has since moved to another device or dtype, which needs new ones.
+        """
+        if self._fused_decode is not None and self._fused_decode.matches(self):
+            self._fused_decode.refresh()
+        else:
+            self._fused_decode = FusedDecodeWeights(self)
+
+    def refresh_fused_decode_weights(self) -> None:
+        """Copy every parameter into the fused copies in place (after writing parameters directly)."""
+        if self._fused_decode is not None:
+            self._fused_decode.refresh()
 
     def _run_layers(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: AttendFn) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)  # [..., H]
@@ -248,6 +281,7 @@ class Decoder(nn.Module):
                 continue
             full = torch.randn(self._full_shape(module, leaf, param), generator=gen) * INIT_STD
             param.copy_(self._shard(module, leaf, full))
+        self.refresh_fused_decode_weights()
 
     @torch.no_grad()
     def load_full_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
@@ -276,6 +310,9 @@ class Decoder(nn.Module):
             if tuple(full.shape) != tuple(expected):
                 raise ValueError(f"weight {name} has shape {tuple(full.shape)}: expected {tuple(expected)}")
             param.copy_(self._shard(module, leaf, full))
+        if self._fused_decode is not None:
+            # In place, so CUDA graphs captured against the fused copies see the new weights.
+            self._fused_decode.refresh(state.keys())
 
     @torch.no_grad()
     def full_state_dict(self) -> dict[str, torch.Tensor]:

@@ -18,6 +18,8 @@
   path saves); "on" takes it whenever a group shares a block. It has its own set of graphs,
   captured for the call's number of prompts and samples per prompt n (they bound the groups and a
   group's live rows, which fix the kernel's grid), and recaptured only when those change;
+- fused ops (`kv.fused_decode_ops`): every forward of the engine runs the model's fused kernels
+  (model/fused_decode.py); the engine has the model build its fused weight copies before any capture;
 - catch-up step (only after a weight update): re-prefilled samples feed all their generated tokens
   in one varlen forward, then rejoin the decode batch.
 
@@ -108,6 +110,10 @@ class GenerationEngine:
         self.tp_group = tp_group
         self.backend = select_backend(kv_cfg.attention, self.device, kv_cfg.block_size)
         self.shared_prefix = shared_prefix_mode(kv_cfg.shared_prefix, self.backend)  # "on" | "auto" | "off"
+        self.fused_ops = kv_cfg.fused_decode_ops
+        if self.fused_ops:
+            # Before any graph capture: the graphs read the fused weight copies in place.
+            model.prepare_fused_decode()
         self.pool = KVPool(
             kv_cfg, model.num_layers, model.num_kv_heads_local, model.head_dim, self.device, dtype
         )
@@ -289,7 +295,7 @@ class GenerationEngine:
         meta = batch.metadata(rows, max_context_len, groups)
         attn = step_attention(self.backend, self.pool, meta)
         positions = batch.positions[:rows].clamp_min(0)  # [rows]; padding rows sit at position 0
-        return self.model.forward_paged(batch.last_tokens[:rows], positions, attn)
+        return self.model.forward_paged(batch.last_tokens[:rows], positions, attn, fused_ops=self.fused_ops)
 
     def _graph_forward(self, rows: int, shared: bool = False) -> torch.Tensor:
         # The fused kernels bound their work by the block tables' width, not by this host-side maximum.
@@ -349,7 +355,9 @@ class GenerationEngine:
         packed = torch.tensor(ids + positions + last_rows, dtype=torch.long).to(self.device, non_blocking=True)
         attn = step_attention(self.backend, self.pool, meta)
         # packed: [T input ids | T positions | R logits rows]
-        return self.model.forward_paged(packed[:t], packed[t : 2 * t], attn, packed[2 * t :])  # [R, V]
+        return self.model.forward_paged(
+            packed[:t], packed[t : 2 * t], attn, packed[2 * t :], fused_ops=self.fused_ops
+        )  # [R, V]
 
     # ---- bookkeeping shared by both kinds of step ---------------------------------------------
 
