@@ -202,9 +202,9 @@ def test_shared_prefix_off_and_auto_without_sharing_keep_the_plain_path(tiny, mo
     seen = []
     forward = tiny.forward_paged
 
-    def recording_forward(ids, positions, attn, rows=None):
+    def recording_forward(ids, positions, attn, rows=None, **options):
         seen.append(attn.meta.shared_prefix is not None)
-        return forward(ids, positions, attn, rows)
+        return forward(ids, positions, attn, rows, **options)
 
     monkeypatch.setattr(tiny, "forward_paged", recording_forward)
     greedy = SamplingConfig(temperature=0, max_new_tokens=4, ignore_eos=True)
