@@ -75,6 +75,23 @@ def test_async_run_with_two_worker_groups_one_tensor_parallel(tmp_path):
 
 
 @pytest.mark.slow
+def test_two_learner_ranks_share_each_step_and_resume_from_their_checkpoint(tmp_path):
+    """ZeRO-2 over 2 learner ranks: rank 0's trajectories reach both ranks; a resumed run goes on at step 5."""
+    out = tmp_path / "run"
+    two = [*SMALL, "learner.num_ranks=2", "trainer.save_every=2"]
+    first = _train(out, *two)
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+    resumed = _train(out, *two, "trainer.max_steps=6", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["policy_version"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    # Every step trained on the whole step's samples, split over the two ranks.
+    assert all(r["sequences"] == 64 for r in rows)
+
+
+@pytest.mark.slow
 def test_sync_mode_trains_only_on_the_current_policy(tmp_path):
     out = tmp_path / "run"
     proc = _train(out, *SMALL, "mode=sync", "learner.samples_per_step=32")
