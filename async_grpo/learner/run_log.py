@@ -37,10 +37,20 @@ class RunLog:
                 log.info("tensorboard is not installed: metrics go to %s only", self.path)
 
     def _truncate_after(self, step: int) -> None:
-        """Keep only lines of steps <= `step` (a resumed run redoes nothing it has logged)."""
+        """Keep only lines of steps <= `step` (a resumed run redoes nothing it has logged).
+
+        A line cut short by a kill (no complete JSON object) is dropped too: its step is redone.
+        """
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and row.get("step", step + 1) <= step:
+                kept.append(line)
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, metrics: dict[str, Any]) -> None:
