@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from async_grpo.kv.triton_paged import triton_attention_available
+from async_grpo.kv.triton_paged import check_cache_pair, triton_attention_available
 
 
 @triton.jit
@@ -72,11 +72,7 @@ def write_kv(
     where = "write_kv"
     if k.dim() != 3 or k.shape != v.shape:
         raise ValueError(f"{where}: k {tuple(k.shape)} / v {tuple(v.shape)}: expected both [T, num_kv_heads, head_dim]")
-    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(
-            f"{where}: k_cache {tuple(k_cache.shape)} / v_cache {tuple(v_cache.shape)}: expected both "
-            "[num_blocks, block_size, num_kv_heads, head_dim]"
-        )
+    check_cache_pair(k_cache, v_cache, where)
     T, H, D = k.shape
     if tuple(k_cache.shape[2:]) != (H, D):
         raise ValueError(f"{where}: new rows are [{H}, {D}] per token but the cache holds {tuple(k_cache.shape[2:])}")

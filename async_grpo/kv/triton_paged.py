@@ -324,17 +324,22 @@ def _merge_splits_kernel(
     tl.store(lse_ptr + b * stride_fb + h * stride_fh, tl.where(total > 0, m_safe + tl.log(total_safe), float("-inf")))
 
 
+def check_cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor, where: str) -> None:
+    """A layer's K and V caches: the same [num_blocks, block_size, num_kv_heads, head_dim] shape."""
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(
+            f"{where}: k_cache {tuple(k_cache.shape)} / v_cache {tuple(v_cache.shape)}: expected both "
+            "[num_blocks, block_size, num_kv_heads, head_dim]"
+        )
+
+
 def check_paged_inputs(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, where: str
 ) -> tuple[int, int, int, int, int]:
     """Validate the query and cache tensors; return (B, Hq, Hkv, D, block_size)."""
     if q.dim() != 3:
         raise ValueError(f"{where}: q has shape {tuple(q.shape)}: expected [B, num_q_heads, head_dim]")
-    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(
-            f"{where}: k_cache {tuple(k_cache.shape)} / v_cache {tuple(v_cache.shape)}: expected both "
-            "[num_blocks, block_size, num_kv_heads, head_dim]"
-        )
+    check_cache_pair(k_cache, v_cache, where)
     B, Hq, D = q.shape
     _, page, Hkv, Dk = k_cache.shape
     if Dk != D:

@@ -1,13 +1,14 @@
-"""Binding a learner-side ZeroMQ socket (trajectory PULL, weights-ready PUB) to host:port.
+"""The learner-side ZeroMQ sockets' life: binding to host:port, and releasing their context.
 
 Port 0 means "any free port": the bound port is returned and then published (endpoints.py), which is
 how a cluster run needs no port configured by hand. A failure is one ValueError naming the socket's
-role and the address; the caller releases its context before passing it on.
+role and the address; the caller releases its context (`release_context`) before passing it on.
 """
 
 from __future__ import annotations
 
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 
 
 def bind_socket(socket: zmq.Socket, host: str, port: int, what: str) -> int:
@@ -19,3 +20,10 @@ def bind_socket(socket: zmq.Socket, host: str, port: int, what: str) -> int:
         return port
     except zmq.ZMQError as err:
         raise ValueError(f"cannot bind the {what} to tcp://{host}:{port}: {err}") from None
+
+
+def release_context(context: zmq.Context, auth: ThreadAuthenticator | None) -> None:
+    """Stop the CURVE authenticator, if any, then destroy the context without waiting on unsent messages."""
+    if auth is not None:
+        auth.stop()
+    context.destroy(linger=0)

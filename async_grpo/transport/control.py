@@ -20,7 +20,7 @@ import threading
 import zmq
 
 from async_grpo.config import TransportConfig
-from async_grpo.transport.binding import bind_socket
+from async_grpo.transport.binding import bind_socket, release_context
 from async_grpo.transport.curve import make_curve_client, make_curve_server, start_authenticator
 
 
@@ -76,9 +76,7 @@ class WeightsAnnouncer:
             self._socket.close(linger=0)
 
     def _close_context(self) -> None:
-        if self._auth is not None:
-            self._auth.stop()
-        self._context.destroy(linger=0)
+        release_context(self._context, self._auth)
 
     def close(self) -> None:
         if self._stop.is_set():

@@ -28,7 +28,7 @@ import torch
 import zmq
 
 from async_grpo.config import TransportConfig
-from async_grpo.transport.binding import bind_socket
+from async_grpo.transport.binding import bind_socket, release_context
 from async_grpo.transport.codec import MalformedMessage, decode, encode, encoded_nbytes
 from async_grpo.transport.curve import make_curve_client, make_curve_server, start_authenticator
 from async_grpo.transport.trajectory import Trajectory
@@ -306,9 +306,7 @@ class TrajectoryReceiver:
             log.warning("rejected trajectory message #%d on %s: %s", rejected, self.endpoint, err)
 
     def _shutdown_context(self) -> None:
-        if self._auth is not None:
-            self._auth.stop()
-        self._context.destroy(linger=0)
+        release_context(self._context, self._auth)
 
     def close(self) -> None:
         """Stop the thread and close the socket; queued trajectories stay readable."""
