@@ -1,17 +1,9 @@
 """The engine's attention backends agree: the fused Triton decode path gives the torch reference's tokens.
 
-On CPU the Triton kernels run under the interpreter (TRITON_INTERPRET is set before triton is
-imported), on a tiny model for a few steps; on a GPU the same comparison runs compiled, plus a bf16
+On CPU the Triton kernels run under the interpreter (tests/conftest.py sets TRITON_INTERPRET
+before triton is imported), on a tiny model for a few steps; on a GPU the same comparison runs compiled, plus a bf16
 run of the CUDA engine.
 """
-
-import os
-
-if "TRITON_INTERPRET" not in os.environ:
-    import torch as _torch
-
-    if not _torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest
 import torch

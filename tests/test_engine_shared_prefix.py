@@ -1,19 +1,11 @@
 """Shared-prefix (cascade) decode in the engine: the same tokens as the plain kernel and the torch reference.
 
 Each group's full prompt blocks are read once for all its live samples. On CPU the Triton kernels run
-under the interpreter (TRITON_INTERPRET is set before triton is imported) on a tiny fp32 model with
+under the interpreter (tests/conftest.py sets TRITON_INTERPRET before triton is imported) on a tiny fp32 model with
 block size 4 and prompts spanning several blocks; samples stop at different steps (stop ids), so groups
 hold 1..n live rows. The per-step prefix/suffix split is checked against a hand computation. GPU tests
 (skipped without CUDA) replay the shared step from CUDA graphs.
 """
-
-import os
-
-if "TRITON_INTERPRET" not in os.environ:
-    import torch as _torch
-
-    if not _torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"
 
 import numpy as np
 import pytest

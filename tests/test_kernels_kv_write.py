@@ -1,13 +1,5 @@
 """write_kv (Triton) against torch index_put into the same paged layout."""
 
-import os
-
-if "TRITON_INTERPRET" not in os.environ:
-    import torch as _torch
-
-    if not _torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"
-
 import pytest
 import torch
 

@@ -1,16 +1,8 @@
 """Fused paged decode attention (Triton) against a plain torch gather + softmax.
 
-On CPU the kernels run under Triton's interpreter (TRITON_INTERPRET is set before triton is
-imported), with small shapes; the GPU cases (long contexts, GQA up to 8, bf16) skip without CUDA.
+On CPU the kernels run under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET
+before triton is imported), with small shapes; the GPU cases (long contexts, GQA up to 8, bf16) skip without CUDA.
 """
-
-import os
-
-if "TRITON_INTERPRET" not in os.environ:
-    import torch as _torch
-
-    if not _torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest
 import torch

@@ -4,14 +4,6 @@ Groups have different live counts (1..G, and none), sequences come in arbitrary 
 multi-step case drops finished samples between steps the way the engine does.
 """
 
-import os
-
-if "TRITON_INTERPRET" not in os.environ:
-    import torch as _torch
-
-    if not _torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"
-
 import pytest
 import torch
 
