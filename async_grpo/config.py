@@ -52,12 +52,13 @@ class KVConfig(_Section):
     cuda_graph_max_rows: int = Field(512, ge=1)  # largest captured bucket; bigger decode batches run eagerly
     # Decode attention reading each group's shared prompt blocks once for all its samples (Triton backend):
     # "auto" uses it on steps where a group has >= 2 live samples sharing a full block, "on" whenever a
-    # group shares a full block (an error on other backends), "off" never. Off by default until its
-    # CUDA-graph path has run on a GPU (its kernel has; the engine integration is checked on CPU only).
-    shared_prefix: Literal["auto", "on", "off"] = "off"
+    # group shares a full block (an error on other backends), "off" never. On the CPU's torch backend
+    # "auto" is "off".
+    shared_prefix: Literal["auto", "on", "off"] = "auto"
     # Generation forward through fused kernels (model/fused_ops.py): one q|k|v and one gate|up GEMM per
-    # layer, fused add + RMSNorm, RoPE and SwiGLU. Off by default until measured on a GPU.
-    fused_decode_ops: bool = False
+    # layer, fused add + RMSNorm, RoPE and SwiGLU. "auto": on for a CUDA engine (1.6x the decode rate
+    # there), off on the CPU, where the kernels would only run in Triton's interpreter.
+    fused_decode_ops: bool | Literal["auto"] = "auto"
 
 
 class SamplingConfig(_Section):
@@ -122,6 +123,13 @@ class LearnerConfig(_Section):
     optimizer: Literal["auto", "torch_adamw", "fused_adam"] = "auto"  # auto: FusedAdam on GPU
     gradient_checkpointing: bool = False  # recompute layer activations in backward
     pad_token_id: int = Field(0, ge=0)  # fills right padding; masked out of the loss
+    # lm_head fused with the token logprobs and entropy, at completion positions only, logits recomputed
+    # in backward (model/fused_logprobs.py). "auto": on under ZeRO-1/2 (ZeRO-3 would have to gather the
+    # lm_head outside its module); false: full [B, S, V] logits, then model/logprobs.py.
+    fused_logprobs: bool | Literal["auto"] = "auto"
+    # torch.compile of every decoder layer (and the fused logprob chunks) before DeepSpeed wraps the model.
+    # "auto": on for CUDA under ZeRO-1/2; off on the CPU, where inductor's compile time outweighs a short run.
+    compile: bool | Literal["auto"] = "auto"
     loss: LossConfig = Field(default_factory=LossConfig)
     advantage: AdvantageConfig = Field(default_factory=AdvantageConfig)
 

@@ -172,6 +172,69 @@ def run_shared_prefix(prompt: int, G: int, sweep: bool) -> list[dict]:
     return rows
 
 
+def tune_shared_prefix(prompt: int, G: int) -> list[dict]:
+    """Where the shared-prefix step's time goes, and which launch options are fastest.
+
+    Breakdown: the whole step, then the same step with the suffix lengths zeroed (prefix kernel plus an
+    empty suffix pass that only merges) and with the prefix lengths zeroed (suffix pass plus empty
+    prefix programs). Then a grid over the prefix kernel's options with the suffix at its defaults, and a
+    grid over the suffix pass's options with the best prefix options; every variant checked for errors.
+    """
+    q, kc, vc, ptab, plens, sg, stab, slens, ftab, flens = shared_prefix_case(prompt, G, "cuda")
+    scale = HEAD_DIM**-0.5
+    ref = torch_gather_attention(q, kc, vc, ftab, prompt + OWN_TOKENS, scale)
+    layout = GroupLayout.build(sg.tolist(), ptab.shape[0], "cuda")
+    t_plain = bench_graph_ms(lambda: paged_decode_attention(q, kc, vc, ftab, flens, scale))
+
+    def timed(options: dict, p_lens=plens, s_lens=slens, check=True) -> float:
+        def step():
+            return shared_prefix_decode_attention(q, kc, vc, ptab, p_lens, layout, stab, s_lens, scale, **options)
+
+        if check:
+            err = (step().float() - ref.float()).abs().max().item()
+            if err > TOLERANCE:
+                raise SystemExit(f"shared-prefix prompt {prompt} G {G} {options}: max error {err:.3e}")
+        return bench_graph_ms(step)
+
+    whole = timed({})
+    prefix_only = timed({}, s_lens=torch.zeros_like(slens), check=False)
+    suffix_only = timed({}, p_lens=torch.zeros_like(plens), check=False)
+    print(f"tune prompt {prompt} G {G}: plain {t_plain * 1e3:.1f} us | shared {whole * 1e3:.1f} us "
+          f"(ratio {whole / t_plain:.3f}) | prefix pass + empty suffix {prefix_only * 1e3:.1f} us | suffix pass + "
+          f"empty prefix {suffix_only * 1e3:.1f} us", flush=True)
+    rows = [dict(case="tune", prompt=prompt, G=G, plain_ms=t_plain, shared_ms=whole, prefix_only_ms=prefix_only,
+                 suffix_only_ms=suffix_only)]
+    # Warps and pipeline stages beyond these moved nothing by more than 2% on an H200.
+    prefix_grid = [dict(prefix_block_n=b, prefix_splits=sp, max_tile_rows=r, prefix_num_warps=w, prefix_prefetch=pf)
+                   for b, splits in ((64, (8, 16, 32)), (128, (4, 8, 16))) for sp in splits for r in (64, 128)
+                   for w in (4, 8) for pf in (False, True)]
+    results = []
+    for options in prefix_grid:
+        try:
+            results.append((timed(options), options))
+        except Exception as exc:  # a launch option the compiler rejects (e.g. out of shared memory)
+            print(f"  skip {options}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+    results.sort(key=lambda r: r[0])
+    for ms, options in results[:6]:
+        print(f"  prefix grid {ms * 1e3:6.1f} us ratio {ms / t_plain:.3f} {options}", flush=True)
+    best_prefix = results[0][1]
+    suffix_grid = [dict(best_prefix, block_n=b, suffix_num_warps=w, partial_dtype=dt)
+                   for b in (64, 128) for w in (2, 4) for dt in (torch.float32, torch.bfloat16)]
+
+    results = []
+    for options in suffix_grid:
+        try:
+            results.append((timed(options), options))
+        except Exception as exc:
+            print(f"  skip {options}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+    results.sort(key=lambda r: r[0])
+    for ms, options in results[:6]:
+        print(f"  suffix grid {ms * 1e3:6.1f} us ratio {ms / t_plain:.3f} {options}", flush=True)
+    rows.append(dict(case="tune_best", prompt=prompt, G=G, shared_ms=results[0][0], plain_ms=t_plain,
+                     options={k: str(v) for k, v in results[0][1].items()}))
+    return rows
+
+
 def interpreter_sanity() -> None:
     """A tiny case of each kernel under the interpreter, checked against the torch reference."""
     q, kc, vc, tables, lens = plain_case(40, "cpu", dtype=torch.float32, num_seqs=3)
@@ -191,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="write the result rows to this file")
     parser.add_argument("--sweep", action="store_true", help="also time fixed splits and tile sizes")
+    parser.add_argument("--tune", action="store_true",
+                        help="only the shared-prefix breakdown and launch-option grids (cases: --tune-cases)")
+    parser.add_argument("--tune-cases", default="4096x16,1024x16", help="PROMPTxG,... for --tune")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/attention.py needs a CUDA GPU for timings; running a tiny interpreter sanity case instead.")
@@ -200,6 +266,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, triton {triton.__version__}")
     print(f"shape: {NUM_SEQS} sequences, {HQ} q heads / {HKV} kv heads, head_dim {HEAD_DIM}, bf16, block size {PAGE}")
     rows = []
+    if args.tune:
+        for case in args.tune_cases.split(","):
+            prompt, G = (int(x) for x in case.split("x"))
+            rows += tune_shared_prefix(prompt, G)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return 0
     for ctx in (1024, 4096):
         rows += run_decode_bandwidth(ctx, args.sweep)
     for prompt in (1024, 4096):

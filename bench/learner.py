@@ -7,7 +7,12 @@ in turn. MFU = (6 N + 2 N if a reference forward runs) * tokens / time / 989e12 
 peak), N = parameter count (a tied embedding counted once, as the lm_head matmul); attention's own
 FLOPs are left out, so MFU is slightly understated. Medians over the timed steps after warm-up.
 
+`--micro-batch-tokens`, `--fused-logprobs` and `--compile` take several values; every combination is
+timed in turn (one row each), so the unfused eager path and the fused compiled one compare in one run.
+
     python bench/learner.py                 # GPU: qwen2-0.5b, 16384 tokens/step
+    python bench/learner.py --zero 2 --no-reference --micro-batch-tokens 8192 16384 \
+        --fused-logprobs off on --compile off on
     python bench/learner.py --tiny          # CPU smoke run: tiny preset, a few hundred tokens
 """
 
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import os
 import statistics
 import sys
@@ -56,7 +62,21 @@ def synthetic_step(vocab: int, tokens_per_step: int, seq_len: int, prompt_len: i
     ]
 
 
-def run_one(args: argparse.Namespace, zero_stage: int, with_reference: bool) -> dict[str, float]:
+SWITCH = {"auto": "auto", "on": True, "off": False}
+
+
+@dataclass
+class Variant:
+    """One timed configuration of the learner."""
+
+    zero_stage: int
+    with_reference: bool
+    micro_batch_tokens: int
+    fused_logprobs: str  # auto | on | off
+    compile: str  # auto | on | off
+
+
+def run_one(args: argparse.Namespace, variant: Variant) -> dict[str, object]:
     from async_grpo.config import RunConfig
     from async_grpo.learner.engine import Learner
     from async_grpo.model.build import build_model
@@ -64,9 +84,10 @@ def run_one(args: argparse.Namespace, zero_stage: int, with_reference: bool) -> 
     cfg = RunConfig.model_validate({
         "model": {"preset": args.preset},
         "sampling": {"max_new_tokens": args.seq_len - args.prompt_len},
-        "learner": {"zero_stage": zero_stage, "lr": 1e-6, "micro_batch_tokens": args.micro_batch_tokens,
+        "learner": {"zero_stage": variant.zero_stage, "lr": 1e-6, "micro_batch_tokens": variant.micro_batch_tokens,
                     "device": args.device, "gradient_checkpointing": args.gradient_checkpointing,
-                    "loss": {"kl_beta": 0.01 if with_reference else 0.0}},
+                    "fused_logprobs": SWITCH[variant.fused_logprobs], "compile": SWITCH[variant.compile],
+                    "loss": {"kl_beta": 0.01 if variant.with_reference else 0.0}},
     })
     model = build_model(cfg.model, device="cpu", dtype=torch.float32)
     n_params = sum(p.numel() for p in model.parameters())
@@ -84,17 +105,36 @@ def run_one(args: argparse.Namespace, zero_stage: int, with_reference: bool) -> 
             torch.cuda.synchronize()
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
+    if args.profile and learner.device.type == "cuda":
+        profile_steps(learner, args, vocab)
     median = statistics.median(times)
-    flops_per_token = (6 + (2 if with_reference else 0)) * n_params
+    flops_per_token = (6 + (2 if variant.with_reference else 0)) * n_params
+    fused, compiled = learner.fused_logprobs, learner.compiled
     peak_mem = torch.cuda.max_memory_allocated() / 2**30 if learner.device.type == "cuda" else float("nan")
     del learner, model
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    return {"zero": zero_stage, "ref": with_reference, "params": n_params, "tokens": tokens, "step_s": median,
+    if compiled:
+        torch._dynamo.reset()  # the next configuration compiles its own layers from scratch
+    return {"zero": variant.zero_stage, "ref": variant.with_reference, "mbt": variant.micro_batch_tokens,
+            "fused": fused, "compiled": compiled, "params": n_params, "tokens": tokens, "step_s": median,
             "tokens_per_s": tokens / median, "mfu": flops_per_token * tokens / median / PEAK_FLOPS,
             "peak_mem_gib": peak_mem}
+
+
+def profile_steps(learner: object, args: argparse.Namespace, vocab: int) -> None:
+    """Two more steps under torch.profiler: where a step's GPU time goes, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    batches = [synthetic_step(vocab, args.tokens_per_step, args.seq_len, args.prompt_len, seed=1000 + i)
+               for i in range(2)]
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for batch in batches:
+            learner.step(batch)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=60), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,24 +144,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens-per-step", type=int, default=16384)
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--prompt-len", type=int, default=256)
-    parser.add_argument("--micro-batch-tokens", type=int, default=8192)
+    parser.add_argument("--micro-batch-tokens", type=int, nargs="+", default=[8192],
+                        help="token budget of a micro-batch; 16384 = the whole default step in one")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--zero", type=int, nargs="+", default=[2, 3])
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--no-reference", action="store_true", help="time only steps without a reference forward")
+    parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table (GPU)")
+    parser.add_argument("--fused-logprobs", nargs="+", choices=sorted(SWITCH), default=["auto"],
+                        help="learner.fused_logprobs: lm_head + logprobs on completion rows only")
+    parser.add_argument("--compile", nargs="+", choices=sorted(SWITCH), default=["auto"],
+                        help="learner.compile: torch.compile of every decoder layer")
     args = parser.parse_args(argv)
     if args.tiny:
         args.preset, args.tokens_per_step, args.seq_len, args.prompt_len = "tiny", 256, 32, 8
-        args.micro_batch_tokens, args.warmup, args.steps, args.device = 128, 1, 2, "cpu"
+        args.micro_batch_tokens, args.warmup, args.steps, args.device = [128], 1, 2, "cpu"
     if args.device == "cpu" or not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    print(f"{'zero':>4} {'ref':>5} {'params':>12} {'tokens':>7} {'step_s':>8} {'tokens/s':>10} {'MFU':>7} {'mem_GiB':>8}")
-    for zero_stage in args.zero:
-        for with_reference in (False, True):
-            r = run_one(args, zero_stage, with_reference)
-            print(f"{r['zero']:>4} {str(r['ref']):>5} {r['params']:>12,} {r['tokens']:>7} {r['step_s']:>8.3f} "
-                  f"{r['tokens_per_s']:>10.0f} {r['mfu']:>7.2%} {r['peak_mem_gib']:>8.1f}", flush=True)
+    print(f"{'zero':>4} {'ref':>5} {'mbt':>6} {'fused':>5} {'compile':>7} {'params':>12} {'tokens':>7} "
+          f"{'step_s':>8} {'tokens/s':>10} {'MFU':>7} {'mem_GiB':>8}")
+    references = (False,) if args.no_reference else (False, True)
+    for zero_stage, with_reference, mbt, fused, compiled in itertools.product(
+            args.zero, references, args.micro_batch_tokens, args.fused_logprobs, args.compile):
+        r = run_one(args, Variant(zero_stage, with_reference, mbt, fused, compiled))
+        print(f"{r['zero']:>4} {str(r['ref']):>5} {r['mbt']:>6} {str(r['fused']):>5} {str(r['compiled']):>7} "
+              f"{r['params']:>12,} {r['tokens']:>7} {r['step_s']:>8.3f} {r['tokens_per_s']:>10.0f} {r['mfu']:>7.2%} "
+              f"{r['peak_mem_gib']:>8.1f}", flush=True)
     return 0
 
 

@@ -15,7 +15,7 @@ Cases (`--cases`, comma-separated; default all three):
 
 `--shared-prefix on|off|both` sets the engine's `kv.shared_prefix` (default auto); `both` times the
 engine once with the shared-prefix decode path and once without, one row each (HF runs once per case).
-`--fused-ops on|off|both` sets `kv.fused_decode_ops` (default off) the same way: the generation forward
+`--fused-ops on|off|both` sets `kv.fused_decode_ops` (default auto: on with CUDA, as in the engine) the same way: the generation forward
 through the fused kernels of model/fused_ops.py (fused q|k|v and gate|up GEMMs, add + RMSNorm, RoPE,
 SwiGLU) or the eager layers. With both flags at `both`, every combination gets a row.
 
@@ -219,14 +219,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--also-eager", action="store_true", help="also time the engine without CUDA graphs")
     parser.add_argument("--shared-prefix", default="auto", choices=("auto", "on", "off", "both"),
                         help="kv.shared_prefix of the engine; both: one timed row with it on, one with it off")
-    parser.add_argument("--fused-ops", default="off", choices=("on", "off", "both"),
+    parser.add_argument("--fused-ops", default="auto", choices=("auto", "on", "off", "both"),
                         help="kv.fused_decode_ops of the engine; both: one timed row with it on, one with it off")
     parser.add_argument("--json", default=None, help="write the results here as JSON")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats {args.repeats}: expected at least 1")
     modes = ["on", "off"] if args.shared_prefix == "both" else [args.shared_prefix]
-    fused_modes = {"on": [True], "off": [False], "both": [False, True]}[args.fused_ops]
+    fused_modes = {"auto": [torch.cuda.is_available() and not args.quick], "on": [True], "off": [False],
+                   "both": [False, True]}[args.fused_ops]
     # On CPU only the Triton interpreter runs the shared-prefix kernel; elsewhere "auto" picks the backend.
     args.attention = "auto"
     if args.quick and args.shared_prefix in ("on", "both"):

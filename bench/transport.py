@@ -23,9 +23,10 @@ import torch.distributed as dist
 import zmq
 
 from async_grpo.config import TransportConfig
-from async_grpo.transport.codec import encode
+from async_grpo.transport.codec import decode, encode
 from async_grpo.transport.stream import TrajectoryReceiver, TrajectoryStream
 from async_grpo.transport.trajectory import Trajectory
+from async_grpo.transport.trajectory_batch import TrajectoryBatch
 from async_grpo.transport.weights import WeightPublisher, WeightReceiver, broadcast_with_timeout
 
 
@@ -50,11 +51,18 @@ def make_messages(args: argparse.Namespace, per_message: int) -> list[list[Traje
     return [flat[i : i + per_message] for i in range(0, len(flat), per_message)]
 
 
+def as_columns(message: list[Trajectory]) -> TrajectoryBatch:
+    """The message as one packed columnar batch: what a worker now builds from its groups' token lists."""
+    return decode(encode(message), 2**40)
+
+
 def produce(conn: Connection, args: argparse.Namespace) -> None:
     """Producer process: serves rounds on command, keeping its sockets and pre-built messages between them.
 
-    A command is (raw, per_message, endpoint); a round is one warm-up message and then every message.
-    Raw sends the pre-encoded frames of the same messages through a plain PUSH socket.
+    A command is (mode, per_message, endpoint); a round is one warm-up message and then every message.
+    "raw" sends the pre-encoded frames of the same messages through a plain PUSH socket; "list" pushes
+    lists of Trajectory objects (encoded at every push); "columns" pushes columnar batches (a worker's
+    groups: only the header and the scalar columns are encoded at each push).
     """
     torch.set_num_threads(1)
     context = zmq.Context()
@@ -62,14 +70,19 @@ def produce(conn: Connection, args: argparse.Namespace) -> None:
     streams: dict[str, TrajectoryStream] = {}
     messages: dict[int, list[list[Trajectory]]] = {}
     encoded: dict[int, list[list]] = {}
+    columns: dict[int, list[TrajectoryBatch]] = {}
     while (command := conn.recv()) is not None:
-        raw, per_message, endpoint = command
+        mode, per_message, endpoint = command
         if per_message not in messages:
             messages[per_message] = make_messages(args, per_message)
             encoded[per_message] = [encode(m) for m in messages[per_message]]
-        if raw:
+            columns[per_message] = [as_columns(m) for m in messages[per_message]]
+        if mode == "raw":
             if endpoint not in raw_sockets:
                 raw_sockets[endpoint] = context.socket(zmq.PUSH)
+                # The options TrajectoryStream sets, so both paths see the same queueing.
+                raw_sockets[endpoint].sndhwm = TransportConfig().send_hwm
+                raw_sockets[endpoint].immediate = True
                 raw_sockets[endpoint].connect(endpoint)
             push = raw_sockets[endpoint]
             for frames in [encoded[per_message][0], *encoded[per_message]]:
@@ -78,7 +91,8 @@ def produce(conn: Connection, args: argparse.Namespace) -> None:
             if endpoint not in streams:
                 streams[endpoint] = TrajectoryStream(endpoint, TransportConfig(), linger_ms=-1)
             stream = streams[endpoint]
-            for message in [messages[per_message][0], *messages[per_message]]:
+            pushed = messages[per_message] if mode == "list" else columns[per_message]
+            for message in [pushed[0], *pushed]:
                 stream.push(message)
         conn.send("sent")
     for stream in streams.values():
@@ -90,7 +104,7 @@ def produce(conn: Connection, args: argparse.Namespace) -> None:
 
 def time_raw_round(pull: zmq.Socket, conn: Connection, per_message: int, num_messages: int, endpoint: str) -> float:
     """Seconds from the warm-up message to the last message at a plain PULL socket."""
-    conn.send((True, per_message, endpoint))
+    conn.send(("raw", per_message, endpoint))
     pull.recv_multipart(copy=False)
     started = time.perf_counter()
     for _ in range(num_messages):
@@ -100,9 +114,9 @@ def time_raw_round(pull: zmq.Socket, conn: Connection, per_message: int, num_mes
     return elapsed
 
 
-def time_stream_round(receiver: TrajectoryReceiver, conn: Connection, per_message: int, total: int) -> float:
-    """Seconds from the warm-up message to the last trajectory handed out by the receiver."""
-    conn.send((False, per_message, receiver.endpoint))
+def time_stream_round(receiver: TrajectoryReceiver, conn: Connection, mode: str, per_message: int, total: int) -> float:
+    """Seconds from the warm-up message to the last trajectory handed out by the receiver (as lazy views)."""
+    conn.send((mode, per_message, receiver.endpoint))
     assert len(receiver.get_batch(per_message, timeout=120)) == per_message
     started = time.perf_counter()
     got = 0
@@ -126,21 +140,28 @@ def bench_trajectories(args: argparse.Namespace) -> None:
     proc.start()
     context = zmq.Context()
     pull = context.socket(zmq.PULL)
+    pull.rcvhwm = TransportConfig().recv_hwm  # the receiver's options, as above
+    pull.maxmsgsize = int(TransportConfig().max_message_mb * 2**20)
     raw_endpoint = f"tcp://127.0.0.1:{pull.bind_to_random_port('tcp://127.0.0.1')}"
     try:
         with TrajectoryReceiver(TransportConfig()) as receiver:
             for per_message in (int(x) for x in args.per_message.split(",")):
                 nbytes = sum(message_bytes(encode(m)) for m in make_messages(args, per_message))
                 num_messages = -(-total // per_message)
-                raw_s, ours_s = [], []
-                for _ in range(args.repeats):  # alternating, so both see the same share of a noisy machine
+                raw_s, list_s, columns_s = [], [], []
+                for _ in range(args.repeats):  # alternating, so all see the same share of a noisy machine
                     raw_s.append(time_raw_round(pull, conn, per_message, num_messages, raw_endpoint))
-                    ours_s.append(time_stream_round(receiver, conn, per_message, total))
-                raw, ours = statistics.median(raw_s), statistics.median(ours_s)
-                ratio = statistics.median(r / o for r, o in zip(raw_s, ours_s))
-                print(f"  {per_message:3d} per message ({nbytes / total:5.0f} B/traj): TrajectoryStream/Receiver "
-                      f"{nbytes / ours / 1e6:7.1f} MB/s ({total / ours:6.0f} traj/s) | raw pyzmq "
-                      f"{nbytes / raw / 1e6:7.1f} MB/s | ratio {ratio:.0%} (median of per-round ratios)")
+                    list_s.append(time_stream_round(receiver, conn, "list", per_message, total))
+                    columns_s.append(time_stream_round(receiver, conn, "columns", per_message, total))
+                raw = statistics.median(raw_s)
+                print(f"  {per_message:3d} per message ({nbytes / total:5.0f} B/traj): raw pyzmq "
+                      f"{nbytes / raw / 1e6:7.1f} MB/s ({raw / num_messages * 1e6:6.1f} us/msg)")
+                for name, ours_s in (("list of Trajectory", list_s), ("columnar groups", columns_s)):
+                    ours = statistics.median(ours_s)
+                    ratio = statistics.median(r / o for r, o in zip(raw_s, ours_s))
+                    print(f"      TrajectoryStream/Receiver, {name:18s} {nbytes / ours / 1e6:7.1f} MB/s "
+                          f"({total / ours:6.0f} traj/s, {ours / num_messages * 1e6:6.1f} us/msg) | ratio {ratio:.0%} "
+                          f"(median of per-round ratios)")
     finally:
         conn.send(None)
         proc.join(timeout=60)

@@ -178,16 +178,21 @@ def test_sampled_tokens_equal_as_samples_of_a_group_stop_at_different_steps(tiny
     ref = engine(tiny, "torch")
     params = SamplingConfig(temperature=1.0, max_new_tokens=6, ignore_eos=True, stop_token_ids=[6, 16, 17, 39, 48, 51])
     expected = ref.generate(PROMPTS, 3, params, seed=1)
-    # Prompt 0's group holds 3 live rows, then 2 after the first token, then 1 after the fourth.
-    assert [sorted(len(c.token_ids) for c in g) for g in expected] == [[1, 4, 5], [2, 3, 6], [6, 6, 6], [3, 4, 6]]
+    lengths = [sorted(len(c.token_ids) for c in g) for g in expected]
+    if DEVICE == "cpu":  # the CPU generator's stream, checked by hand (CUDA draws other tokens)
+        # Prompt 0's group holds 3 live rows, then 2 after the first token, then 1 after the fourth.
+        assert lengths == [[1, 4, 5], [2, 3, 6], [6, 6, 6], [3, 4, 6]]
+    assert any(len(set(group)) > 1 for group in lengths)  # some group's samples stop at different steps
     auto, on = engine(tiny, "triton", "auto"), engine(tiny, "triton", "on")
     assert_same_completions(auto.generate(PROMPTS, 3, params, seed=1), expected)
     assert_same_completions(on.generate(PROMPTS, 3, params, seed=1), expected)
-    assert on.last_stats.decode_steps == auto.last_stats.decode_steps == 5
-    assert on.last_stats.shared_prefix_steps == steps_with_a_sharing_group(expected, PROMPTS, 1) == 5
-    # auto takes the shared path only while a group with a full prompt block has two live rows: prompt 2's
-    # group keeps three to the end but shares no block, so the last two steps are plain.
-    assert auto.last_stats.shared_prefix_steps == steps_with_a_sharing_group(expected, PROMPTS, 2) == 3
+    assert on.last_stats.decode_steps == auto.last_stats.decode_steps == max(map(max, lengths)) - 1
+    assert on.last_stats.shared_prefix_steps == steps_with_a_sharing_group(expected, PROMPTS, 1)
+    # auto takes the shared path only while a group with a full prompt block has two live rows (on the
+    # CPU: prompt 2's group keeps three to the end but shares no block, so the last two steps are plain).
+    assert auto.last_stats.shared_prefix_steps == steps_with_a_sharing_group(expected, PROMPTS, 2)
+    if DEVICE == "cpu":
+        assert (on.last_stats.shared_prefix_steps, auto.last_stats.shared_prefix_steps) == (5, 3)
 
 
 def test_shared_prefix_off_and_auto_without_sharing_keep_the_plain_path(tiny, monkeypatch):
@@ -200,11 +205,12 @@ def test_shared_prefix_off_and_auto_without_sharing_keep_the_plain_path(tiny, mo
 
     monkeypatch.setattr(tiny, "forward_paged", recording_forward)
     greedy = SamplingConfig(temperature=0, max_new_tokens=4, ignore_eos=True)
-    off = engine(tiny, "triton", "off")
+    # Eager steps only: capturing CUDA graphs runs extra forwards, one per bucket.
+    off = engine(tiny, "triton", "off", cuda_graphs=False)
     off.generate(PROMPTS, 3, greedy)
     assert seen == [False] * 4 and off.last_stats.shared_prefix_steps == 0  # one prefill, three decode steps
     seen.clear()
-    auto = engine(tiny, "triton", "auto")
+    auto = engine(tiny, "triton", "auto", cuda_graphs=False)
     auto.generate(PROMPTS, 1, greedy)  # one sample per prompt: nothing shared
     auto.generate([[1, 2, 3], [4, 5]], 3, greedy)  # no prompt fills a block
     assert seen == [False] * 8 and auto.last_stats.shared_prefix_steps == 0

@@ -100,6 +100,37 @@ def test_cascade_matches_reference_with_groups_of_different_live_counts(gqa, pre
     torch.testing.assert_close(out.cpu().double(), ref, atol=2e-5, rtol=2e-5)
 
 
+def test_cascade_with_bf16_prefix_partials_stays_within_their_rounding():
+    # Five prefix splits (padded to 8 in the suffix kernel's one-shot merge), partials rounded to bf16
+    # between the kernels: the merged output moves by at most about one bf16 step of |out| (<= 1 here).
+    seq_group = [0, 1, 1, 0, 1, 0]
+    case = CascadeCase([6, 5], seq_group, [4, 20, 1, 31, 16, 3], 4, 2, 16, 16, torch.float32, seed=5)
+    tables, lens = case.full_tables()
+    ref = reference_attention(case.q, case.k_cache, case.v_cache, tables, lens, 0.25)
+    common = dict(prefix_splits=5, suffix_splits=1, block_n=16, prefix_block_n=16)
+    exact = shared_prefix_decode_attention(case.q, case.k_cache, case.v_cache, *case.tensors(), 0.25, **common)
+    rounded = shared_prefix_decode_attention(case.q, case.k_cache, case.v_cache, *case.tensors(), 0.25,
+                                             partial_dtype=torch.bfloat16, **common)
+    torch.testing.assert_close(exact.cpu().double(), ref, atol=2e-5, rtol=2e-5)
+    error = (rounded.cpu().double() - ref).abs().max().item()
+    assert 0 < error < 2**-7  # rounded (so not the fp32 path), but only by bf16's 8-bit mantissa
+
+
+@pytest.mark.parametrize("prefix_splits", [1, 3])
+def test_cascade_prefetching_prefix_loop_gives_the_same_bits(prefix_splits):
+    # The prefetching loop only issues the next tile's loads earlier: same tiles, same order, same sums.
+    seq_group = [1, 0, 1, 1, 0]
+    case = CascadeCase([5, 3], seq_group, [2, 19, 7, 33, 16], 4, 2, 16, 16, torch.float32, seed=11)
+    common = dict(prefix_splits=prefix_splits, block_n=16, prefix_block_n=16, return_lse=True)
+    out, lse = shared_prefix_decode_attention(case.q, case.k_cache, case.v_cache, *case.tensors(), 0.3, **common)
+    out_p, lse_p = shared_prefix_decode_attention(case.q, case.k_cache, case.v_cache, *case.tensors(), 0.3,
+                                                  prefix_prefetch=True, **common)
+    assert torch.equal(out, out_p) and torch.equal(lse, lse_p)
+    tables, lens = case.full_tables()
+    ref = reference_attention(case.q, case.k_cache, case.v_cache, tables, lens, 0.3)
+    torch.testing.assert_close(out_p.cpu().double(), ref, atol=2e-5, rtol=2e-5)
+
+
 def test_cascade_equals_plain_paged_kernel_including_lse():
     seq_group = [0, 1, 1, 0, 1]
     case = CascadeCase([3, 2], seq_group, [4, 20, 1, 31, 16], 4, 2, 32, 16, torch.float32, seed=9)

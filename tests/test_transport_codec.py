@@ -1,4 +1,5 @@
-"""Trajectory codec: exact round trips and a clear MalformedMessage for every kind of bad message."""
+"""Trajectory codec (schema 2): exact round trips, columnar decoding, and a clear MalformedMessage for
+every kind of bad message."""
 
 from __future__ import annotations
 
@@ -11,8 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from async_grpo.transport.codec import MalformedMessage, decode, encode
+from async_grpo.transport.codec import MalformedMessage, UnsupportedSchema, decode, encode
+from async_grpo.transport.wire_columns import (
+    CODE_COLUMNS, FLOAT_COLUMNS, INDEX_COLUMNS, INT_COLUMNS, column_bytes, column_views,
+)
 from async_grpo.transport.trajectory import FINISH_REASONS, Trajectory
+from async_grpo.transport.trajectory_batch import TrajectoryBatch
 
 LIMIT = 1 << 20
 
@@ -36,13 +41,53 @@ def random_trajectory(rng: random.Random, prompt: torch.Tensor | None = None, co
     )
 
 
-def assert_same(a: Trajectory, b: Trajectory) -> None:
+def assert_same(a, b) -> None:
     assert torch.equal(a.prompt_ids, b.prompt_ids) and b.prompt_ids.dtype == torch.int32
     assert torch.equal(a.completion_ids, b.completion_ids) and b.completion_ids.dtype == torch.int32
     assert torch.equal(a.behaviour_logprobs, b.behaviour_logprobs) and b.behaviour_logprobs.dtype == torch.float32
     for name in ("reward", "advantage", "group_id", "sample_index", "policy_version", "finish_reason", "worker_id",
                  "extra"):
         assert getattr(a, name) == getattr(b, name), name
+        assert type(getattr(a, name)) is type(getattr(b, name)), name
+
+
+def with_column(frames: list[bytes], name: str, row: int, value) -> list[bytes]:
+    """The message with one entry of one binary column replaced."""
+    header = msgpack.unpackb(frames[0])
+    count, prompts = header["count"], header["prompts"]
+    data = bytearray(header["column_data"])
+    floats, ints, index, codes = column_views(data, count, prompts)
+    if name in FLOAT_COLUMNS:
+        floats[FLOAT_COLUMNS.index(name), row] = value
+    elif name in INT_COLUMNS:
+        ints[INT_COLUMNS.index(name), row] = value
+    elif name in INDEX_COLUMNS:
+        starts = {"completion_lens": 0, "prompt_lens": count, "prompt_index": count + prompts,
+                  "extra_index": 2 * count + prompts}
+        index[starts[name] + row] = value
+    else:
+        assert name in CODE_COLUMNS
+        codes[row] = value
+    header["column_data"] = bytes(data)
+    return [msgpack.packb(header), *frames[1:]]
+
+
+def schema1_message(traj: Trajectory) -> list[bytes]:
+    """One trajectory in the previous wire format (schema 1: scalars as msgpack lists)."""
+    header = {
+        "schema": 1, "count": 1,
+        "tensors": [["prompt_ids", "int32", [traj.prompt_ids.numel()]],
+                    ["completion_ids", "int32", [traj.completion_ids.numel()]],
+                    ["behaviour_logprobs", "float32", [traj.completion_ids.numel()]]],
+        "prompt_lens": [traj.prompt_ids.numel()], "prompt_index": [0],
+        "completion_lens": [traj.completion_ids.numel()],
+        "scalars": {"reward": [traj.reward], "advantage": [traj.advantage], "group_id": [traj.group_id],
+                    "sample_index": [traj.sample_index], "policy_version": [traj.policy_version],
+                    "worker_id": [traj.worker_id], "finish_reason": [traj.finish_reason]},
+        "extra": [traj.extra],
+    }
+    tensors = (traj.prompt_ids, traj.completion_ids, traj.behaviour_logprobs)
+    return [msgpack.packb(header), *(t.numpy().tobytes() for t in tensors)]  # schema 1: a frame per tensor
 
 
 def test_round_trip_of_single_trajectories_of_many_shapes_is_exact():
@@ -51,7 +96,7 @@ def test_round_trip_of_single_trajectories_of_many_shapes_is_exact():
     shapes = [(1, 0), (1, 1), (7, 0), (30, 40), (513, 1025)]
     for prompt_len, completion_len in shapes + [(rng.randint(1, 64), rng.randint(0, 64)) for _ in range(50)]:
         traj = random_trajectory(rng, torch.randint(0, 9, (prompt_len,), dtype=torch.int32), completion_len)
-        (back,) = decode(encode(traj), LIMIT)
+        (back,) = decode(encode(traj), LIMIT).views()
         assert_same(traj, back)
 
 
@@ -62,11 +107,75 @@ def test_batched_round_trip_sends_a_shared_prompt_once_and_keeps_order():
     group[2] = random_trajectory(rng, shared, completion_len=0)  # an empty completion inside a batch
     frames = encode(group)
     header = msgpack.unpackb(frames[0])
-    assert header["prompt_lens"] == [100] + [t.prompt_ids.numel() for t in group[8:]]
-    assert header["prompt_index"] == [0] * 8 + [1, 2, 3]
-    decoded = decode(frames, LIMIT)
-    assert len(decoded) == 11
-    for a, b in zip(group, decoded):
+    assert (header["count"], header["prompts"]) == (11, 4)
+    assert len(header["column_data"]) == column_bytes(11, 4) == 61 * 11 + 4 * 4
+    batch = decode(frames, LIMIT)
+    assert batch.prompt_lens.tolist() == [100] + [t.prompt_ids.numel() for t in group[8:]]
+    assert batch.prompt_index.tolist() == [0] * 8 + [1, 2, 3]
+    assert batch.completion_lens.tolist() == [t.completion_ids.numel() for t in group]
+    views = batch.views()
+    assert len(views) == 11
+    for a, b in zip(group, views):
+        assert_same(a, b)
+    assert all(v.prompt_ids is views[0].prompt_ids for v in views[:8])  # one tensor per distinct prompt
+
+
+def test_extra_maps_are_sent_once_per_distinct_map_with_a_row_index():
+    rng = random.Random(2)
+    shared_map = {"reward_failures": 3.0, "reward_timeouts": 1.0}
+    group = [random_trajectory(rng) for _ in range(6)]
+    for i, traj in enumerate(group):
+        traj.extra = shared_map if i < 4 else ({} if i == 4 else {"other": 2.5})
+    header = msgpack.unpackb(encode(group)[0])
+    assert header["extras"] == [shared_map, {}, {"other": 2.5}]
+    batch = decode(encode(group), LIMIT)
+    assert batch.extra_index.tolist() == [0, 0, 0, 0, 1, 2]
+    assert [v.extra for v in batch.views()] == [shared_map] * 4 + [{}, {"other": 2.5}]
+
+
+def test_group_built_as_columns_encodes_as_views_of_its_tensors_and_round_trips():
+    batch = TrajectoryBatch.from_group(
+        [5, 6, 7], [[8, 9], [], [10]], [[-0.5, -0.25], [], [-1.0]], [1.0, 0.0, 0.5], [0.75, -1.25, 0.5],
+        group_id=9, sample_indices=[0, 1, 2], policy_versions=[4, 4, 5], finish_reasons=["stop", "abort", "length"],
+        worker_id=3, extra={"reward_failures": 1.0})
+    frames = encode(batch)
+    assert frames[1].ctypes.data == batch.token_ids.data_ptr()  # packed: sent without a copy
+    assert frames[2].ctypes.data == batch.behaviour_logprobs.data_ptr()
+    assert np.frombuffer(frames[1], dtype=np.int32).tolist() == [5, 6, 7, 8, 9, 10]  # prompt, then completions
+    back = decode([bytes(memoryview(f).cast("B")) for f in frames], LIMIT).views()
+    assert [v.completion_ids.tolist() for v in back] == [[8, 9], [], [10]]
+    assert [v.behaviour_logprobs.tolist() for v in back] == [[-0.5, -0.25], [], [-1.0]]
+    assert [v.prompt_ids.tolist() for v in back] == [[5, 6, 7]] * 3
+    assert [(v.reward, v.advantage, v.sample_index, v.policy_version, v.finish_reason) for v in back] == [
+        (1.0, 0.75, 0, 4, "stop"), (0.0, -1.25, 1, 4, "abort"), (0.5, 0.5, 2, 5, "length")]
+    assert {(v.group_id, v.worker_id) for v in back} == {(9, 3)}
+    assert back[0].extra == {"reward_failures": 1.0} and back[2].num_tokens == 4
+
+
+def test_concatenated_groups_round_trip_as_one_message_in_order():
+    rng = random.Random(4)
+    shared = torch.arange(5, dtype=torch.int32)
+    first = [random_trajectory(rng, shared) for _ in range(3)]
+    second = [random_trajectory(rng) for _ in range(4)]
+    batches = [decode(encode(first), LIMIT), decode(encode(second), LIMIT).select(np.array([3, 0, 2]))]
+    joined = TrajectoryBatch.concat(batches)
+    assert joined.packed and len(joined) == 6
+    assert joined.prompt_lens.tolist() == [5] + [t.prompt_ids.numel() for t in (second[0], second[2], second[3])]
+    assert joined.prompt_index.tolist() == [0, 0, 0, 3, 1, 2]  # only the prompts its rows use, in prompt order
+    back = decode(encode(joined), LIMIT).views()
+    for a, b in zip(first + [second[3], second[0], second[2]], back):
+        assert_same(a, b)
+
+
+def test_selected_rows_re_encode_to_exactly_those_trajectories():
+    rng = random.Random(3)
+    group = [random_trajectory(rng) for _ in range(9)]
+    batch = decode(encode(group), LIMIT)
+    picked = batch.select(np.array([7, 2, 4]))
+    assert not picked.packed
+    for a, b in zip([group[7], group[2], group[4]], decode(encode(picked), LIMIT).views()):
+        assert_same(a, b)
+    for a, b in zip(group[3:5], batch.rows(3, 5).views()):
         assert_same(a, b)
 
 
@@ -90,47 +199,45 @@ def good_frames() -> list[bytes]:
 def with_header(**changes) -> list[bytes]:
     frames = good_frames()
     header = msgpack.unpackb(frames[0])
-    for key, value in changes.items():
-        if "." in key:
-            outer, inner = key.split(".")
-            header[outer][inner] = value
-        else:
-            header[key] = value
+    header.update(changes)
     return [msgpack.packb(header), *frames[1:]]
 
 
-def with_scalar(name: str, value) -> list[bytes]:
-    frames = good_frames()
-    header = msgpack.unpackb(frames[0])
-    header["scalars"][name] = [value]
-    return [msgpack.packb(header), *frames[1:]]
-
-
+GOOD_TENSORS = [["token_ids", "int32", [5]], ["behaviour_logprobs", "float32", [2]]]
 MALFORMED = {
     "empty message": ([], "empty message"),
     "random bytes header": ([bytes(range(7, 200))] + good_frames()[1:], "msgpack|header keys"),
     "pickled trajectory": ([pickle.dumps(good_frames())], "msgpack|header keys"),
-    "truncated tensor frame": (good_frames()[:3] + [good_frames()[3][:-1]], "behaviour_logprobs' frame bytes = 7"),
-    "missing frame": (good_frames()[:3], "frame count = 3"),
-    "extra frame": (good_frames() + [b"x"], "frame count = 5"),
-    "unknown schema": (with_header(schema=99), "'schema' = 99"),
-    "bool schema": (with_header(schema=True), "'schema' = True"),
-    "wrong dtype": (with_header(tensors=[["prompt_ids", "float64", [3]], ["completion_ids", "int32", [2]],
-                                         ["behaviour_logprobs", "float32", [2]]]), "name/dtype"),
-    "shape mismatch": (with_header(tensors=[["prompt_ids", "int32", [4]], ["completion_ids", "int32", [2]],
-                                            ["behaviour_logprobs", "float32", [2]]]), "frame bytes = 12"),
-    "huge declared size": (with_header(tensors=[["prompt_ids", "int32", [10**15]], ["completion_ids", "int32", [2]],
-                                                ["behaviour_logprobs", "float32", [2]]]), "declared bytes"),
-    "lengths disagree": (with_header(completion_lens=[1]), "completion_lens"),
-    "prompt index out of range": (with_header(prompt_index=[1]), "prompt_index"),
-    "count too big": (with_header(count=2), "a list of 2"),
-    "nan reward": (with_scalar("reward", math.nan), "'reward'\\[0\\] = nan"),
-    "inf advantage": (with_scalar("advantage", math.inf), "'advantage'\\[0\\] = inf"),
-    "string group id": (with_scalar("group_id", "3"), "'group_id'\\[0\\]"),
-    "negative version": (with_scalar("policy_version", -1), "'policy_version'\\[0\\] = -1"),
-    "unknown finish reason": (with_scalar("finish_reason", "timeout"), "'timeout'"),
-    "nan extra metric": (with_header(extra=[{"m": math.nan}]), "'m'\\] = nan"),
-    "missing key": (with_header(scalars={"reward": [1.0]}), "'scalars' keys"),
+    "truncated tensor frame": (good_frames()[:2] + [good_frames()[2][:-1]], "behaviour_logprobs' frame bytes = 7"),
+    "missing frame": (good_frames()[:2], "frame count = 2"),
+    "extra frame": (good_frames() + [b"x"], "frame count = 4"),
+    "unknown schema": (with_header(schema=99), "unsupported schema: header 'schema' = 99"),
+    "float schema": (with_header(schema=2.0), "unsupported schema: header 'schema' = 2.0"),
+    "schema 1 message": (schema1_message(Trajectory([1], [2], [-0.5], 1.0, 0.0, 0, 0, 0, "stop", 0)),
+                         "unsupported schema: header 'schema' = 1"),
+    "missing key": ([msgpack.packb({"schema": 2, "count": 1}), *good_frames()[1:]], "header keys"),
+    "wrong dtype": (with_header(tensors=[["token_ids", "float64", [5]], *GOOD_TENSORS[1:]]), "names/dtypes"),
+    "old tensor names": (with_header(tensors=[["prompt_ids", "int32", [3]], *GOOD_TENSORS[1:]]), "names/dtypes"),
+    "shape mismatch": (with_header(tensors=[["token_ids", "int32", [6]], *GOOD_TENSORS[1:]]), "frame bytes = 20"),
+    "huge declared size": (with_header(tensors=[["token_ids", "int32", [10**15]], *GOOD_TENSORS[1:]]),
+                           "declared bytes"),
+    "count too big": (with_header(count=2), "'column_data' bytes = 65"),
+    "zero prompts": (with_header(prompts=0), "'prompts' = 0"),
+    "column layout changed": (with_header(columns="reward:float32"), "'columns'"),
+    "column data not bytes": (with_header(column_data="x" * 65), "'column_data' bytes = 'str'"),
+    "nan reward": (with_column(good_frames(), "reward", 0, math.nan), "column 'reward'\\[0\\] = nan"),
+    "inf advantage": (with_column(good_frames(), "advantage", 0, math.inf), "column 'advantage'\\[0\\] = inf"),
+    "negative version": (with_column(good_frames(), "policy_version", 0, -1), "'policy_version'\\[0\\] = -1"),
+    "negative group id": (with_column(good_frames(), "group_id", 0, -2**40), "'group_id'\\[0\\] = -1099511627776"),
+    "unknown finish code": (with_column(good_frames(), "finish_code", 0, 7), "'finish_code'\\[0\\] = 7"),
+    "prompt index out of range": (with_column(good_frames(), "prompt_index", 0, 1), "'prompt_index'\\[0\\] = 1"),
+    "extra index out of range": (with_column(good_frames(), "extra_index", 0, 1), "'extra_index'\\[0\\] = 1"),
+    "negative completion length": (with_column(good_frames(), "completion_lens", 0, -1), "'completion_lens'\\[0\\] = -1"),
+    "lengths disagree": (with_column(good_frames(), "completion_lens", 0, 1), "sum of 'completion_lens' = 1"),
+    "prompt lengths disagree": (with_column(good_frames(), "prompt_lens", 0, 2), "sum of 'prompt_lens' = 2"),
+    "nan extra metric": (with_header(extras=[{"m": math.nan}]), "'m'\\] = nan"),
+    "too many extra maps": (with_header(extras=[{}, {}]), "'extras'"),
+    "extra key not a string": (with_header(extras=[{"m" * 200: 1.0}]), "key"),
 }
 
 
@@ -141,15 +248,24 @@ def test_decode_rejects_malformed_message_with_reason(case):
         decode(frames, LIMIT)
 
 
+def test_other_schema_versions_are_refused_as_unsupported_schema():
+    for frames in (MALFORMED["schema 1 message"][0], MALFORMED["unknown schema"][0]):
+        with pytest.raises(UnsupportedSchema):
+            decode(frames, LIMIT)
+    with pytest.raises(MalformedMessage) as caught:
+        decode(MALFORMED["nan reward"][0], LIMIT)
+    assert not isinstance(caught.value, UnsupportedSchema)
+
+
 def test_decode_rejects_nan_logprob_and_negative_token_id():
     frames = good_frames()
-    logprobs = np.frombuffer(frames[3], dtype=np.float32).copy()
+    logprobs = np.frombuffer(frames[2], dtype=np.float32).copy()
     logprobs[1] = np.nan
     with pytest.raises(MalformedMessage, match="behaviour_logprobs value = nan"):
-        decode(frames[:3] + [logprobs.tobytes()], LIMIT)
-    ids = np.array([5, -6, 7], dtype=np.int32)
-    with pytest.raises(MalformedMessage, match="prompt_ids minimum = -6"):
-        decode([frames[0], ids.tobytes(), *frames[2:]], LIMIT)
+        decode(frames[:2] + [logprobs.tobytes()], LIMIT)
+    for ids, reason in (([5, -6, 7, 8, 9], "prompt_ids\\[1\\] = -6"), ([5, 6, 7, 8, -9], "completion_ids\\[1\\] = -9")):
+        with pytest.raises(MalformedMessage, match=reason):
+            decode([frames[0], np.array(ids, dtype=np.int32).tobytes(), frames[2]], LIMIT)
 
 
 def test_decode_rejects_message_over_the_byte_limit_before_parsing():

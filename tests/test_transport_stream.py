@@ -15,6 +15,8 @@ import zmq
 
 from async_grpo.config import TransportConfig
 from async_grpo.transport.codec import encode
+from async_grpo.transport.trajectory_batch import TrajectoryBatch, TrajectoryView
+from test_transport_codec import schema1_message, with_column
 from async_grpo.transport.stream import PushTimeout, TrajectoryReceiver, TrajectoryStream
 from async_grpo.transport.trajectory import Trajectory
 
@@ -56,10 +58,48 @@ def test_pushed_trajectories_arrive_in_order_with_exact_contents():
         got = receiver.get_batch(9, timeout=10)
         assert [t.reward for t in got] == [float(i) for i in range(9)]
         assert torch.equal(got[5].completion_ids, torch.full((4,), 5, dtype=torch.int32))
+        assert all(type(t) is TrajectoryView for t in got)  # lazy rows of the received messages
         assert receiver.get(timeout=0.05) is None
         counters = receiver.counters()
         assert (counters.received, counters.rejected, counters.accepted, counters.delivered) == (2, 0, 9, 9)
         assert (stream.counters.sent, stream.counters.messages, stream.counters.dropped) == (9, 2, 0)
+
+
+def make_group_batch(group_id: int, size: int = 8) -> TrajectoryBatch:
+    """A group as a worker builds it: rewards group_id * 100 + sample index."""
+    return TrajectoryBatch.from_group(
+        [group_id, 1, 2], [[group_id] * (i + 1) for i in range(size)], [[-0.5] * (i + 1) for i in range(size)],
+        [group_id * 100.0 + i for i in range(size)], [0.25] * size, group_id=group_id, sample_indices=list(range(size)),
+        policy_versions=[3] * size, finish_reasons=["stop"] * size, worker_id=1)
+
+
+def test_take_batches_hands_over_whole_messages_as_columns_cut_to_the_count():
+    with TrajectoryReceiver(TransportConfig()) as receiver, TrajectoryStream(receiver.endpoint, TransportConfig()) as stream:
+        assert stream.push(make_group_batch(1), timeout=10) and stream.push(make_group_batch(2), timeout=10)
+        wait_for(lambda: receiver.depth == 16)
+        first = receiver.take_batches(12, timeout=10)
+        assert [len(b) for b in first] == [8, 4] and all(type(b) is TrajectoryBatch for b in first)
+        assert first[1].reward.tolist() == [200.0, 201.0, 202.0, 203.0]
+        rest = receiver.take_batches(10, timeout=0.2)
+        assert [len(b) for b in rest] == [4]
+        assert [v.completion_ids.tolist() for v in rest[0].views()] == [[2] * 5, [2] * 6, [2] * 7, [2] * 8]
+        assert [v.prompt_ids.tolist() for v in rest[0].views()] == [[2, 1, 2]] * 4
+        counters = receiver.counters()
+        assert (counters.received, counters.accepted, counters.delivered) == (2, 16, 16)
+        assert (stream.counters.sent, stream.counters.messages) == (16, 2)
+
+
+def test_queue_is_bounded_in_trajectories_and_splits_a_message_to_fill_it():
+    cfg = TransportConfig(queue_size=10)
+    with TrajectoryReceiver(cfg) as receiver, TrajectoryStream(receiver.endpoint, cfg) as stream:
+        for group in range(3):
+            assert stream.push(make_group_batch(group, size=4), timeout=10)
+        wait_for(lambda: receiver.depth == 10)
+        time.sleep(0.2)
+        assert receiver.depth == 10  # the third message waits half in, half out
+        got = receiver.get_batch(12, timeout=10)
+        assert [t.reward for t in got] == [g * 100.0 + i for g in range(3) for i in range(4)]
+        assert receiver.counters().dropped_full == 0
 
 
 def malformed_messages(rng: random.Random) -> list[list[bytes]]:
@@ -73,21 +113,23 @@ def malformed_messages(rng: random.Random) -> list[list[bytes]]:
             h[key] = value
         return [msgpack.packb(h), *good[1:]]
 
-    scalars_nan = msgpack.unpackb(good[0])
-    scalars_nan["scalars"]["reward"] = [math.nan]
-    cut = rng.randint(0, len(good[2]) - 1)
+    cut = rng.randint(0, len(good[1]) - 1)
     return [
-        good[:3] + [good[3][: rng.randint(0, len(good[3]) - 1)]],  # truncated frame
-        good[: rng.randint(1, 3)],  # too few frames
+        good[:2] + [good[2][: rng.randint(0, len(good[2]) - 1)]],  # truncated frame
+        good[: rng.randint(1, 2)],  # too few frames
         good + [b"\0" * rng.randint(0, 9)],  # too many frames
-        patched(tensors=[["prompt_ids", "int64", [3]], *header["tensors"][1:]]),  # dtype mismatch
-        patched(tensors=[["prompt_ids", "int32", [rng.randint(4, 99)]], *header["tensors"][1:]]),  # shape mismatch
-        patched(tensors=[["prompt_ids", "int32", [2**50]], *header["tensors"][1:]]),  # huge declared size
+        patched(tensors=[["token_ids", "int64", [7]], *header["tensors"][1:]]),  # dtype mismatch
+        patched(tensors=[["token_ids", "int32", [rng.randint(8, 99)]], *header["tensors"][1:]]),  # shape mismatch
+        patched(tensors=[["token_ids", "int32", [2**50]], *header["tensors"][1:]]),  # huge declared size
         [rng.randbytes(rng.randint(0, 300)) for _ in range(rng.randint(1, 5))],  # random bytes
         [pickle.dumps(make_traj(1))],  # a pickled payload must never be unpickled
-        [msgpack.packb(scalars_nan), *good[1:]],  # NaN reward
-        patched(schema=rng.randint(2, 10**6)),  # unknown schema version
-        [good[0], good[1], good[2][:cut], good[3]],  # completion frame shorter than declared
+        with_column(good, "reward", 0, math.nan),  # NaN reward
+        with_column(good, "policy_version", 0, -rng.randint(1, 10**6)),  # negative version
+        with_column(good, "finish_code", 0, rng.randint(3, 255)),  # no such finish reason
+        with_column(good, "completion_lens", 0, rng.randint(5, 99)),  # lengths disagree with the frames
+        patched(schema=rng.randint(3, 10**6)),  # unknown schema version
+        schema1_message(make_traj(3)),  # the previous wire format: an unsupported schema
+        [good[0], good[1][:cut], good[2]],  # token frame shorter than declared
     ]
 
 
@@ -107,6 +149,7 @@ def test_thousand_malformed_messages_are_rejected_and_good_ones_all_delivered():
         consumer.start()
         rss_before = rss_bytes()
         bad_pool: list[list[bytes]] = []
+        schema_sent = 0
         good_index = 0
         for kind in plan:
             if kind == "good":
@@ -115,7 +158,9 @@ def test_thousand_malformed_messages_are_rejected_and_good_ones_all_delivered():
             else:
                 if not bad_pool:
                     bad_pool = malformed_messages(rng)
+                    schema_kinds = bad_pool[-3:-1]  # the unknown version and the schema-1 message
                 message = bad_pool.pop()
+                schema_sent += any(message is k for k in schema_kinds)
                 if message:
                     raw.send_multipart(message)
         consumer.join(timeout=40)
@@ -126,6 +171,7 @@ def test_thousand_malformed_messages_are_rejected_and_good_ones_all_delivered():
         context.term()
     assert not consumer.is_alive()
     assert (counters.received, counters.rejected, counters.accepted, counters.dropped_full) == (1250, 1000, 250, 0)
+    assert counters.rejected_schema == schema_sent > 100
     assert counters.delivered == 250
     assert [t.reward for t in delivered] == [float(i) for i in range(250)]
     assert all(t.completion_ids.numel() == i % 17 for i, t in enumerate(delivered))

@@ -21,6 +21,8 @@ from async_grpo.config import TransportConfig
 from async_grpo.transport.codec import MalformedMessage, decode, encode
 from async_grpo.transport.stream import TrajectoryReceiver, TrajectoryStream
 from async_grpo.transport.trajectory import Trajectory
+from async_grpo.transport.trajectory_batch import TrajectoryBatch
+from test_transport_codec import with_column
 
 LIMIT = 1 << 22
 
@@ -57,11 +59,14 @@ def frame_address(frame: zmq.Frame) -> int:
 def test_decoded_tensors_are_views_of_the_received_frames_and_outlive_them():
     group = make_group(3)
     frames = over_zmq(encode(group))
-    decoded = decode(frames, LIMIT)
+    batch = decode(frames, LIMIT)
+    decoded = batch.views()
     assert decoded[0].prompt_ids.data_ptr() == frame_address(frames[1])
-    assert decoded[0].completion_ids.data_ptr() == frame_address(frames[2])
-    assert decoded[2].completion_ids.data_ptr() == frame_address(frames[2]) + 2 * 300 * 4
-    assert decoded[1].behaviour_logprobs.data_ptr() == frame_address(frames[3]) + 300 * 4
+    assert decoded[0].completion_ids.data_ptr() == frame_address(frames[1]) + 50 * 4  # after the one prompt
+    assert decoded[2].completion_ids.data_ptr() == frame_address(frames[1]) + (50 + 2 * 300) * 4
+    assert decoded[1].behaviour_logprobs.data_ptr() == frame_address(frames[2]) + 300 * 4
+    resent = encode(batch)  # learner rank 0 sharing a decoded message: the received memory, sent again
+    assert (resent[1].ctypes.data, resent[2].ctypes.data) == (frame_address(frames[1]), frame_address(frames[2]))
     assert all(t.prompt_ids.data_ptr() == decoded[0].prompt_ids.data_ptr() for t in decoded)  # sent once, one view
     del frames
     gc.collect()
@@ -74,12 +79,15 @@ def test_decoded_tensors_are_views_of_the_received_frames_and_outlive_them():
     assert decoded[0].completion_ids[0] == 99 and len(churn) == 64
 
 
-def test_single_trajectory_is_encoded_as_views_of_its_tensors():
-    (traj,) = make_group(1)
-    frames = encode(traj)
-    assert frames[1].ctypes.data == traj.prompt_ids.data_ptr()
-    assert frames[2].ctypes.data == traj.completion_ids.data_ptr()
-    assert frames[3].ctypes.data == traj.behaviour_logprobs.data_ptr()
+def test_group_built_as_columns_is_encoded_as_views_of_its_tensors():
+    batch = TrajectoryBatch.from_group(
+        list(range(7, 57)), [list(range(i, i + 300)) for i in range(3)], [[-0.5] * 300] * 3, [0.0, 1.0, 2.0],
+        [-0.5] * 3, group_id=11, sample_indices=[0, 1, 2], policy_versions=[4] * 3, finish_reasons=["stop"] * 3,
+        worker_id=2)
+    frames = encode(batch)
+    assert frames[1].ctypes.data == batch.token_ids.data_ptr()
+    assert frames[2].ctypes.data == batch.behaviour_logprobs.data_ptr()
+    assert np.frombuffer(msgpack.unpackb(frames[0])["column_data"], np.uint8).tobytes() == bytes(batch.wire_columns)
 
 
 def test_read_only_frames_are_copied_into_writable_tensors_without_warnings():
@@ -87,15 +95,15 @@ def test_read_only_frames_are_copied_into_writable_tensors_without_warnings():
     frames = [bytes(memoryview(f).cast("B")) for f in encode(group)]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # torch warns on a tensor over a read-only buffer
-        decoded = decode(frames, LIMIT)
+        decoded = decode(frames, LIMIT).views()
     decoded[1].behaviour_logprobs.zero_()
-    assert torch.equal(decode(frames, LIMIT)[1].behaviour_logprobs, group[1].behaviour_logprobs)
+    assert torch.equal(decode(frames, LIMIT).view(1).behaviour_logprobs, group[1].behaviour_logprobs)
 
 
 def test_empty_completions_and_a_single_empty_completion_decode_to_empty_tensors():
     group = make_group(2, completion_len=0)
     for items in (group, group[:1]):
-        decoded = decode(over_zmq(encode(items)), LIMIT)
+        decoded = decode(over_zmq(encode(items)), LIMIT).views()
         assert [t.completion_ids.shape for t in decoded] == [(0,)] * len(items)
         assert [t.behaviour_logprobs.dtype for t in decoded] == [torch.float32] * len(items)
 
@@ -103,7 +111,7 @@ def test_empty_completions_and_a_single_empty_completion_decode_to_empty_tensors
 def test_huge_finite_logprobs_pass_and_infinite_ones_are_named():
     (traj,) = make_group(1, completion_len=3)
     traj.behaviour_logprobs = torch.tensor([-1e30, -3e38, 0.0])  # squares overflow float32, values are finite
-    (back,) = decode(over_zmq(encode(traj)), LIMIT)
+    (back,) = decode(over_zmq(encode(traj)), LIMIT).views()
     assert torch.equal(back.behaviour_logprobs, traj.behaviour_logprobs)
     traj.behaviour_logprobs = torch.tensor([-1.0, -math.inf, 0.0])
     with pytest.raises(MalformedMessage, match="behaviour_logprobs value = -inf"):
@@ -113,19 +121,25 @@ def test_huge_finite_logprobs_pass_and_infinite_ones_are_named():
 @pytest.mark.parametrize(
     ("name", "bad_index", "value", "reason"),
     [
-        ("advantage", 1, math.nan, "scalar 'advantage'\\[1\\] = nan"),
-        ("reward", 2, "1.0", "scalar 'reward'\\[2\\] = '1.0'"),
-        ("worker_id", 2, -3, "scalar 'worker_id'\\[2\\] = -3"),
-        ("sample_index", 1, 2**63, "scalar 'sample_index'\\[1\\] = 9223372036854775808"),
-        ("policy_version", 0, 1.5, "scalar 'policy_version'\\[0\\] = 1.5"),
+        ("advantage", 1, math.nan, "column 'advantage'\\[1\\] = nan"),
+        ("reward", 2, -math.inf, "column 'reward'\\[2\\] = -inf"),
+        ("worker_id", 2, -3, "column 'worker_id'\\[2\\] = -3"),
+        ("sample_index", 1, -2**63, "column 'sample_index'\\[1\\] = -9223372036854775808"),
+        ("prompt_index", 2, 1, "column 'prompt_index'\\[2\\] = 1"),
+        ("finish_code", 1, 3, "column 'finish_code'\\[1\\] = 3"),
     ],
 )
 def test_column_checks_name_the_first_bad_value_of_a_group(name, bad_index, value, reason):
-    frames = encode(make_group(3))
-    header = msgpack.unpackb(frames[0])
-    header["scalars"][name][bad_index] = value
+    frames = [bytes(memoryview(f).cast("B")) for f in encode(make_group(3))]
     with pytest.raises(MalformedMessage, match=reason):
-        decode([msgpack.packb(header), *frames[1:]], LIMIT)
+        decode(with_column(frames, name, bad_index, value), LIMIT)
+
+
+def test_huge_finite_columns_pass_the_one_call_finiteness_check():
+    group = make_group(2)
+    group[0].reward, group[1].advantage = 1e300, -1e300  # the squares' sum overflows; every value is finite
+    (first, second) = decode(encode(group), LIMIT).views()
+    assert (first.reward, second.advantage) == (1e300, -1e300)
 
 
 def test_push_of_a_group_over_the_message_limit_is_split_into_the_fewest_messages():

@@ -125,37 +125,47 @@ def attend_token_range(
     acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
     for n0 in range(start, end, BLOCK_N):
-        tok = n0 + offs_n
-        valid = tok < end
-        # One block id per token: a tile spans several cache blocks; repeated ids hit L1.
-        blk = tl.load(table_ptr + tok // PAGE, mask=valid, other=0).to(tl.int64)
-        slot = tok % PAGE
-        kv_mask = valid[:, None] & mask_d[None, :]
-        k = tl.load(
-            k_cache + blk[:, None] * stride_kb + slot[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )  # [BLOCK_N, BLOCK_D]
-        v = tl.load(
-            v_cache + blk[:, None] * stride_vb + slot[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )  # [BLOCK_N, BLOCK_D]
-        if UPCAST:
-            k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2  # [ROWS, BLOCK_N]
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        p = p.to(v.dtype)
-        if UPCAST:
-            p = p.to(tl.float32)
-            v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        k, v, valid = load_kv_tile(k_cache, v_cache, table_ptr, n0, end, kv_head, stride_kb, stride_kt, stride_kh,
+                                   stride_vb, stride_vt, stride_vh, offs_n, offs_d, mask_d, PAGE)
+        acc, m_i, l_i = online_softmax_tile(q, k, v, valid, acc, m_i, l_i, qk_scale_log2, DOT_PRECISION, UPCAST)
     return acc, m_i, l_i
+
+
+@triton.jit
+def load_kv_tile(k_cache, v_cache, table_ptr, n0, end, kv_head, stride_kb, stride_kt, stride_kh, stride_vb,
+                 stride_vt, stride_vh, offs_n, offs_d, mask_d, PAGE: tl.constexpr):
+    """K and V [BLOCK_N, BLOCK_D] of tokens [n0, n0 + BLOCK_N) through the block table (zeros past `end`)."""
+    tok = n0 + offs_n
+    valid = tok < end
+    # One block id per token: a tile spans several cache blocks; repeated ids hit L1.
+    blk = tl.load(table_ptr + tok // PAGE, mask=valid, other=0).to(tl.int64)
+    slot = tok % PAGE
+    kv_mask = valid[:, None] & mask_d[None, :]
+    k = tl.load(k_cache + blk[:, None] * stride_kb + slot[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    v = tl.load(v_cache + blk[:, None] * stride_vb + slot[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    return k, v, valid
+
+
+@triton.jit
+def online_softmax_tile(q, k, v, valid, acc, m_i, l_i, qk_scale_log2, DOT_PRECISION: tl.constexpr,
+                        UPCAST: tl.constexpr):
+    """Fold one K/V tile ([BLOCK_N, BLOCK_D], tokens where `valid`) into the running (acc, m, l) of the rows."""
+    if UPCAST:
+        k = k.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2  # [ROWS, BLOCK_N]
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    p = p.to(v.dtype)
+    if UPCAST:
+        p = p.to(tl.float32)
+        v = v.to(tl.float32)
+    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
 
 
 @triton.jit
@@ -235,6 +245,7 @@ def _paged_decode_split_kernel(
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     MERGE_PREV: tl.constexpr,
+    PREV_P2: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -261,17 +272,29 @@ def _paged_decode_split_kernel(
     )
     out, lse = finish_partial(acc, m_i, l_i)
     if MERGE_PREV:
-        # Fold in partials over other tokens (the shared prefix) here, saving a separate merge pass.
-        for s in range(0, num_prev):
-            lse_s = tl.load(
-                prev_lse + seq * stride_plb + heads * stride_plh + s * stride_pls, mask=mask_r, other=float("-inf")
-            )  # [ROWS]
-            out_s = tl.load(
-                prev_out + seq * stride_pb + heads[:, None] * stride_ph + s * stride_ps + offs_d[None, :],
-                mask=mask_r[:, None] & mask_d[None, :],
-                other=0.0,
-            )  # [ROWS, BLOCK_D]
-            out, lse = merge_two(out, lse, out_s, lse_s)
+        # Fold in partials over other tokens (the shared prefix) here, saving a separate merge pass. All
+        # of them load at once: a loop of dependent load-then-merge steps cost ~1 us of latency each.
+        offs_p = tl.arange(0, PREV_P2)
+        mask_p = mask_r[:, None] & (offs_p[None, :] < num_prev)  # [ROWS, PREV_P2]
+        lse_p = tl.load(
+            prev_lse + seq * stride_plb + heads[:, None] * stride_plh + offs_p[None, :] * stride_pls,
+            mask=mask_p,
+            other=float("-inf"),
+        )  # [ROWS, PREV_P2]
+        out_p = tl.load(
+            prev_out + seq * stride_pb + heads[:, None, None] * stride_ph + offs_p[None, :, None] * stride_ps
+            + offs_d[None, None, :],
+            mask=mask_p[:, :, None] & mask_d[None, None, :],
+            other=0.0,
+        ).to(tl.float32)  # [ROWS, PREV_P2, BLOCK_D]
+        m = tl.maximum(lse, tl.max(lse_p, 1))
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        w_own = tl.exp(lse - m_safe)  # [ROWS]; empty partials weigh 0
+        w_p = tl.exp(lse_p - m_safe[:, None])  # [ROWS, PREV_P2]
+        total = w_own + tl.sum(w_p, 1)
+        total_safe = tl.where(total > 0, total, 1.0)
+        out = (out * w_own[:, None] + tl.sum(out_p * w_p[:, :, None], 1)) / total_safe[:, None]
+        lse = tl.where(total > 0, m_safe + tl.log(total_safe), float("-inf"))
     s_idx = split_offset + split
     tl.store(
         out_ptr + seq * stride_ob + heads[:, None] * stride_oh + s_idx * stride_os + offs_d[None, :],
@@ -388,11 +411,14 @@ def launch_paged_splits(
     split_offset: int = 0,
     block_n: int = DEFAULT_BLOCK_N,
     merge_from: tuple[torch.Tensor, torch.Tensor] | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
 ) -> None:
     """Write each split's partial (out [B, Hq, S, D], lse [B, Hq, S]) at split index split_offset + s.
 
     merge_from=(prev_out [B, Hq, P, D], prev_lse [B, Hq, P]): partials over other tokens of the same
     sequences, merged into the result before it is written (only with num_splits == 1).
+    num_warps / num_stages: Triton launch options (tuning knobs for bench/attention.py's sweeps).
     """
     B, Hq, D = q.shape
     _, page, Hkv, _ = k_cache.shape
@@ -416,7 +442,8 @@ def launch_paged_splits(
         prev_lse.stride(0), prev_lse.stride(1), prev_lse.stride(2),
         HEAD_DIM=D, GQ=gq, ROWS=max(16, triton.next_power_of_2(gq)), BLOCK_N=block_n, PAGE=page,
         BLOCK_D=max(16, triton.next_power_of_2(D)), DOT_PRECISION=dot_precision(q.dtype),
-        UPCAST=upcast_dots(q.dtype), MERGE_PREV=merge_from is not None, num_warps=4, num_stages=2,
+        UPCAST=upcast_dots(q.dtype), MERGE_PREV=merge_from is not None, PREV_P2=max(2, triton.next_power_of_2(num_prev)),
+        num_warps=num_warps, num_stages=num_stages,
     )
 
 

@@ -9,11 +9,18 @@ ds_world.py for why worker ranks in the same job do not hang it). A step:
      not depend on how the step was packed or split over ranks (loss.py);
   3. each micro-batch: forward, token logprobs at the sampling temperature, optional reference
      logprobs, loss, backward; gradients accumulate until the last micro-batch, where DeepSpeed
-     reduces them over the learner ranks;
+     reduces them over the learner ranks. With `learner.fused_logprobs` (default under ZeRO-1/2) the
+     forward stops at the final hidden states and model/fused_logprobs.py applies the lm_head to the
+     completion rows only, chunk by chunk, so no [B, S, V] logits tensor is ever made;
   4. one optimiser step (with gradient clipping and the LR schedule), metrics reduced over ranks.
 
 `policy_version` counts optimiser steps since the initial weights; it travels with every weight
 broadcast and every trajectory generated from it.
+
+`learner.compile` compiles each decoder layer with torch.compile before DeepSpeed wraps the model
+(`Module.compile` in place, so parameter names do not change), which fuses the layers' elementwise
+work (RMSNorm, RoPE, SwiGLU, residuals, casts). AOTAutograd keeps every parameter's gradient
+accumulation node, so ZeRO-1/2's gradient hooks fire as before.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from async_grpo.learner.loss import grpo_loss, loss_normalizer
 from async_grpo.learner.metrics import StepMetrics
 from async_grpo.learner.reference import ReferencePolicy
 from async_grpo.learner.schedule import make_lr_lambda
+from async_grpo.model.fused_logprobs import ChunkKernels, masked_token_logprobs
 from async_grpo.model.logprobs import token_entropy, token_logprobs
 
 
@@ -45,6 +53,52 @@ def learner_device(device: str) -> torch.device:
             raise ValueError("learner.device = 'cuda' but no CUDA device is visible")
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     return torch.device("cpu")
+
+
+def fused_logprobs_enabled(setting: bool | str, zero_stage: int, model: nn.Module) -> bool:
+    """`learner.fused_logprobs` resolved: auto is on under ZeRO-1/2 for a model with an lm_head."""
+    tp_size = getattr(getattr(model, "tp", None), "size", 1)
+    fits = zero_stage <= 2 and tp_size == 1 and hasattr(model, "lm_head")
+    if setting == "auto":
+        return fits
+    if setting is True and not fits:
+        raise ValueError(
+            f"learner.fused_logprobs = true with learner.zero_stage = {zero_stage} and a tensor-parallel size of "
+            f"{tp_size}: expected zero_stage <= 2 and one tensor-parallel rank (the fused path reads the whole "
+            "lm_head weight outside the lm_head module, which ZeRO-3 keeps partitioned there)")
+    return bool(setting)
+
+
+def compile_enabled(setting: bool | str, device: torch.device, zero_stage: int) -> bool:
+    """`learner.compile` resolved: auto is on for CUDA under ZeRO-1/2."""
+    if setting == "auto":
+        return device.type == "cuda" and zero_stage <= 2
+    if setting is True and zero_stage == 3:
+        raise ValueError("learner.compile = true with learner.zero_stage = 3: expected zero_stage <= 2 "
+                         "(ZeRO-3 gathers parameters in hooks inside every layer call, which would break the graphs)")
+    return bool(setting)
+
+
+def compile_decoder_layers(model: nn.Module, backend: str = "inductor") -> None:
+    """torch.compile every decoder layer in place (parameter names and the module tree stay as they are)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise ValueError(f"learner.compile needs a decoder with model.layers; got a {type(model).__name__}")
+    # The layers share one graph (same code, parameters as inputs); micro-batches of new [B, S] turn it
+    # dynamic after the first recompile instead of compiling one graph per shape. Each layer's integer
+    # `layer_idx` would otherwise be a guard of its own: on an H200 the 9th layer hit dynamo's recompile
+    # limit (8) and layers 9-24 silently ran eagerly. Made symbolic, it is one graph; the raised limit
+    # keeps every layer compiled should a torch version specialise it anyway.
+    import torch._dynamo
+
+    torch._dynamo.config.allow_unspec_int_on_nn_module = True
+    limit_name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, limit_name, max(getattr(torch._dynamo.config, limit_name), len(layers) + 8))
+    for layer in layers:
+        layer.compile(backend=backend)
+    final_norm = getattr(model.model, "norm", None)
+    if final_norm is not None:
+        final_norm.compile(backend=backend)
 
 
 def _free_port() -> int:
@@ -103,6 +157,12 @@ class Learner:
         if lcfg.loss.kl_beta > 0:
             self.reference = ReferencePolicy(model, lcfg.loss.reference_device, self.device, lcfg.zero_stage,
                                              self.mpu, self.temperature)
+        self.fused_logprobs = fused_logprobs_enabled(lcfg.fused_logprobs, lcfg.zero_stage, model)
+        self.compiled = compile_enabled(lcfg.compile, self.device, lcfg.zero_stage)
+        if self.compiled:
+            # After the reference copy (which stays eager) and before DeepSpeed holds the layers.
+            compile_decoder_layers(model)
+        self.chunk_kernels = ChunkKernels(compiled=self.compiled and self.device.type == "cuda")
         model = model.to(self.device)
         optimizer = build_optimizer(model, lcfg, self.device)
         decay_steps = lcfg.decay_steps or cfg.trainer.max_steps
@@ -158,18 +218,16 @@ class Learner:
         for index, micro_batch in enumerate(plan.micro_batches):
             batch = micro_batch.to(self.device)
             self.engine.set_gradient_accumulation_boundary(index == last)
-            logits = self.engine(batch.input_ids)  # [B, S, V]
-            logprobs = token_logprobs(logits, batch.targets, self.temperature)  # [B, S] fp32
-            with torch.no_grad():
-                entropy = token_entropy(logits.detach(), self.temperature)  # [B, S]
-            ref = self.reference.logprobs(batch.input_ids, batch.targets) if self.reference is not None else None
+            logprobs, entropy = self._token_logprobs(batch.input_ids, batch.targets, batch.mask)  # [B, S] fp32 each
+            ref = (self.reference.logprobs(batch.input_ids, batch.targets, batch.mask)
+                   if self.reference is not None else None)
             part = grpo_loss(logprobs, batch.behaviour_logprobs, batch.advantages, batch.mask, loss_cfg, normalizer,
                              ref_logprobs=ref, entropy=entropy)
             # DeepSpeed averages gradients over the learner ranks, but each rank's loss parts are
             # already shares of the global sum: scale back up so the reduced gradient is that sum's.
             self.engine.backward(part.loss * self.world_size, scale_wrt_gas=False)
             metrics.add(part)
-            del logits, logprobs, entropy
+            del logprobs, entropy
         lr = self.lr_scheduler.get_last_lr()[0]
         self.engine.step()
         out = metrics.reduce(self.group, self.device)
@@ -184,6 +242,19 @@ class Learner:
             sequences=float(plan.num_sequences),
         )
         return out
+
+    def _token_logprobs(self, input_ids: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This micro-batch's forward: (logprobs with gradient, entropy without), each fp32 [B, S]."""
+        if self.fused_logprobs:
+            hidden = self.engine(input_ids, hidden_only=True)  # [B, S, H]
+            return masked_token_logprobs(hidden, self.module.lm_head.weight, targets, mask, self.temperature,
+                                         kernels=self.chunk_kernels)
+        logits = self.engine(input_ids)  # [B, S, V]
+        logprobs = token_logprobs(logits, targets, self.temperature)  # [B, S]
+        with torch.no_grad():
+            entropy = token_entropy(logits.detach(), self.temperature)  # [B, S]
+        return logprobs, entropy
 
     def save_checkpoint(self, out_dir: str, data_position: dict[str, Any] | None = None) -> str:
         """Write a complete checkpoint under `out_dir` (collective); returns its directory."""

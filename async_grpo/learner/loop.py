@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -31,6 +32,7 @@ from async_grpo.learner.run_log import RunLog
 from async_grpo.transport import store_keys
 from async_grpo.transport.codec import decode, encode
 from async_grpo.transport.trajectory import Trajectory
+from async_grpo.transport.trajectory_batch import TrajectoryView
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,7 @@ def check_sync_groups(publisher) -> None:
 class StepIntake:
     """What rank 0 collected for one step, and what it threw away doing so."""
 
-    trajectories: list[Trajectory]
+    trajectories: list[TrajectoryView]  # lazy views of the received messages' columns
     dropped_stale: int = 0
     staleness: list[int] = field(default_factory=list)
     wait_s: float = 0.0
@@ -74,12 +76,14 @@ class TakenCounts:
         self.counts: dict[int, int] = {}
 
     def add(self, trajs: list[Trajectory]) -> None:
-        changed = set()
-        for t in trajs:
-            self.counts[t.worker_id] = self.counts.get(t.worker_id, 0) + 1
-            changed.add(t.worker_id)
-        if self.store is not None:
-            for g in changed:
+        self.add_worker_ids(np.array([t.worker_id for t in trajs], dtype=np.int64))
+
+    def add_worker_ids(self, worker_ids: np.ndarray) -> None:
+        """Count one taken trajectory per entry (a message's worker_id column) and publish the changed totals."""
+        groups, counts = np.unique(worker_ids, return_counts=True)
+        for g, c in zip(groups.tolist(), counts.tolist()):
+            self.counts[g] = self.counts.get(g, 0) + c
+            if self.store is not None:
                 self.store.set(store_keys.taken_key(g), str(self.counts[g]))
 
 
@@ -89,13 +93,14 @@ def collect_step(receiver, n: int, version: int, max_staleness: int, timeout_s: 
 
     Fails after `timeout_s` without a fresh trajectory (stale ones do not count: a worker group cut off
     from new weights keeps sending old-policy work that can never be used), or as soon as
-    `check_workers` raises while the queue is empty.
+    `check_workers` raises while the queue is empty. Staleness is judged a message at a time on its
+    policy_version column; only the kept rows become per-trajectory views.
     """
     intake = StepIntake(trajectories=[])
     started = time.monotonic()
     last_arrival = started
     while len(intake.trajectories) < n:
-        got = receiver.get_batch(n - len(intake.trajectories), timeout=1.0)
+        got = receiver.take_batches(n - len(intake.trajectories), timeout=1.0)
         now = time.monotonic()
         if not got:
             if check_workers is not None:
@@ -106,21 +111,24 @@ def collect_step(receiver, n: int, version: int, max_staleness: int, timeout_s: 
                     f"at policy version {version}: every worker group has stopped or lost its connection"
                 )
             continue
-        if taken is not None:
-            taken.add(got)
-        for traj in got:
-            lag = version - traj.policy_version
-            if lag > max_staleness or lag < 0:
-                intake.dropped_stale += 1
+        if taken is not None:  # one store update per worker group for the whole take
+            taken.add_worker_ids(np.concatenate([batch.worker_id for batch in got]))
+        for batch in got:
+            lag = version - batch.policy_version  # [k] int64
+            keep = (lag >= 0) & (lag <= max_staleness)  # [k] bool
+            kept = int(keep.sum())
+            intake.dropped_stale += len(batch) - kept
+            if not kept:
                 continue
             last_arrival = now
-            intake.trajectories.append(traj)
-            intake.staleness.append(lag)
+            fresh = batch if kept == len(batch) else batch.select(keep)
+            intake.trajectories.extend(fresh.views())
+            intake.staleness.extend(lag[keep].tolist())
     intake.wait_s = time.monotonic() - started
     return intake
 
 
-def share_trajectories(trajs: list[Trajectory], group: dist.ProcessGroup | None, max_message_mb: float) -> list[Trajectory]:
+def share_trajectories(trajs: list, group: dist.ProcessGroup | None, max_message_mb: float) -> list:
     """Learner rank 0's list on every learner rank: codec frames packed into one uint8 tensor."""
     if group is None or dist.get_world_size(group) == 1:
         return trajs
@@ -146,7 +154,7 @@ def share_trajectories(trajs: list[Trajectory], group: dist.ProcessGroup | None,
     for end in bounds:
         frames.append(data[start:end])
         start = end
-    return decode(frames, int(max_message_mb * 2**20 * max(1, len(trajs))))
+    return decode(frames, int(max_message_mb * 2**20 * max(1, len(trajs)))).views()
 
 
 def reward_failures(trajs: list[Trajectory], seen: dict[str, dict[int, float]]) -> dict[str, float]:

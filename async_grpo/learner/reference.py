@@ -4,6 +4,9 @@
 DeepSpeed engine with ZeRO-3 and no optimiser, so every learner rank holds 1/L of it and gathers
 layer by layer in forward, in step with its peers). "cpu": a full fp32 copy on the host (frees
 accelerator memory at the cost of a slow forward). Built only when `loss.kl_beta > 0`.
+
+Given the completion mask, an unsharded reference scores only the masked rows through the fused
+lm_head + logprob path (model/fused_logprobs.py) instead of making full [B, S, V] logits.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from async_grpo.model.fused_logprobs import masked_token_logprobs
 from async_grpo.model.logprobs import token_logprobs
 
 
@@ -29,7 +33,8 @@ class ReferencePolicy:
             p.requires_grad_(False)
         self.temperature = temperature
         self.device = torch.device("cpu") if placement == "cpu" else device
-        if placement == "same" and zero_stage == 3:
+        self.sharded = placement == "same" and zero_stage == 3
+        if self.sharded:
             import deepspeed
 
             config = {
@@ -45,7 +50,15 @@ class ReferencePolicy:
             self.module = frozen.to(device=self.device, dtype=dtype)
 
     @torch.no_grad()
-    def logprobs(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """input_ids, targets [B, S] -> fp32 [B, S] on the caller's device."""
-        logits = self.module(input_ids.to(self.device))  # [B, S, V]
-        return token_logprobs(logits, targets.to(self.device), self.temperature).to(input_ids.device)
+    def logprobs(self, input_ids: torch.Tensor, targets: torch.Tensor,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, targets [B, S] -> fp32 [B, S] on the caller's device (0 off `mask` when one is given)."""
+        caller = input_ids.device
+        input_ids, targets = input_ids.to(self.device), targets.to(self.device)
+        if mask is not None and not self.sharded and hasattr(self.module, "lm_head"):
+            hidden = self.module(input_ids, hidden_only=True)  # [B, S, H]
+            logprobs, _ = masked_token_logprobs(hidden, self.module.lm_head.weight, targets, mask.to(self.device),
+                                                self.temperature)
+            return logprobs.to(caller)
+        logits = self.module(input_ids)  # [B, S, V]
+        return token_logprobs(logits, targets, self.temperature).to(caller)

@@ -200,9 +200,15 @@ class Decoder(nn.Module):
         return 2 * self.num_layers * self.num_kv_heads_local * self.head_dim * itemsize
 
     # ---- training path ----
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids [B, S] (right-padded) -> logits [B, S, V] in the model's dtype."""
-        return self.lm_head(self.hidden_states(input_ids))
+    def forward(self, input_ids: torch.Tensor, hidden_only: bool = False) -> torch.Tensor:
+        """input_ids [B, S] (right-padded) -> logits [B, S, V] in the model's dtype.
+
+        hidden_only=True stops before the lm_head: final-norm hidden states [B, S, H], for the learner's
+        fused lm_head + logprob path (a flag rather than a method, so it still runs through DeepSpeed's
+        engine forward and its hooks).
+        """
+        hidden = self.hidden_states(input_ids)
+        return hidden if hidden_only else self.lm_head(hidden)
 
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [B, S] -> final-norm hidden states [B, S, H] (for callers that chunk the lm_head)."""

@@ -1,18 +1,21 @@
 """The trajectory stream: rollout workers PUSH encoded trajectories, the learner PULLs them.
 
-`TrajectoryStream` (one per worker) sends each `push` as one multipart message (a whole group when
-given a list). ZeroMQ's send high-water mark gives back-pressure: when the learner falls behind, the
+`TrajectoryStream` (one per worker) sends each `push` as one multipart message (a list of trajectories,
+or a columnar `TrajectoryBatch`: a worker's whole generation batch, sent without a copy). ZeroMQ's send high-water mark gives back-pressure: when the learner falls behind, the
 worker's queue fills and `push` either waits (`on_full="block"`, in short polls so a timeout or a
 closed learner is noticed) or drops the message and counts it (`on_full="drop"`). The socket uses
 `immediate`, so nothing queues for a learner that is not connected, and ZeroMQ reconnects by itself.
 
 `TrajectoryReceiver` (the learner) binds a PULL socket; one background thread receives, validates
-(codec.decode) and puts trajectories on a bounded queue. The thread waits inside a blocking receive
-with a short timeout (not a poll call per message), and the decoded tensors are views of the
-received frames, so a message costs one receive, one decode and one queue hand-off. A malformed message is counted as
-rejected and dropped, never raised. When the queue is full the thread either stops reading
-("block": the socket's buffers fill and the workers feel the back-pressure) or drops and counts.
-Memory on both sides is bounded by the high-water marks, the queue size and `max_message_mb`.
+(codec.decode) and puts each message on a bounded queue as one columnar `TrajectoryBatch`: nothing
+per trajectory is built in that thread. The thread waits inside a blocking receive with a short
+timeout (not a poll call per message), and the decoded tensors are views of the received frames, so
+a message costs one receive, one decode and one queue hand-off. The learner takes columns
+(`take_batches`) or lazy per-trajectory views (`get_batch`, `get`). A malformed message is counted as
+rejected and dropped, never raised (a message of another schema version is also counted apart). When
+the queue (bounded in trajectories) is full the thread either stops reading ("block": the socket's
+buffers fill and the workers feel the back-pressure) or drops and counts. Memory on both sides is
+bounded by the high-water marks, the queue size and `max_message_mb`.
 """
 
 from __future__ import annotations
@@ -29,9 +32,10 @@ import zmq
 
 from async_grpo.config import TransportConfig
 from async_grpo.transport.binding import bind_socket, release_context
-from async_grpo.transport.codec import MalformedMessage, decode, encode, encoded_nbytes
+from async_grpo.transport.codec import MalformedMessage, UnsupportedSchema, decode, encode, encoded_nbytes
 from async_grpo.transport.curve import make_curve_client, make_curve_server, start_authenticator
 from async_grpo.transport.trajectory import Trajectory
+from async_grpo.transport.trajectory_batch import TrajectoryBatch, TrajectoryView
 from async_grpo.transport.trajectory_queue import BoundedBatchQueue
 
 log = logging.getLogger(__name__)
@@ -42,6 +46,10 @@ _COPY_BELOW = zmq.COPY_THRESHOLD  # bytes under which a frame is copied rather t
 _prompt_of = attrgetter("prompt_ids")
 _completion_of = attrgetter("completion_ids")
 _numel = torch.Tensor.numel
+_nbytes_of = attrgetter("nbytes")
+# Plain ints: combining zmq's flag enums costs about a microsecond per send.
+_SEND_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
+_SEND_LAST = int(zmq.NOBLOCK)
 
 
 class PushTimeout(TimeoutError):
@@ -63,12 +71,14 @@ class StreamCounters:
 class ReceiverCounters:
     """Learner-side totals.
 
-    received, rejected: messages (a message may hold several trajectories);
-    accepted, dropped_full, delivered: trajectories (decoded; shed on a full queue; handed to get()).
+    received, rejected: messages (a message may hold several trajectories); rejected_schema: the rejected
+    messages of an unsupported schema version (an older or newer worker), counted in `rejected` too;
+    accepted, dropped_full, delivered: trajectories (decoded; shed on a full queue; handed to the learner).
     """
 
     received: int = 0
     rejected: int = 0
+    rejected_schema: int = 0
     accepted: int = 0
     dropped_full: int = 0
     delivered: int = 0
@@ -94,20 +104,35 @@ class TrajectoryStream:
             make_curve_client(self._socket, cfg.curve)
         self._socket.connect(endpoint)
 
-    def push(self, items: Trajectory | Sequence[Trajectory], timeout: float | None = None) -> bool:
+    def push(self, items: TrajectoryBatch | Trajectory | Sequence[Trajectory], timeout: float | None = None) -> bool:
         """Send trajectories; True when sent, False when dropped (on_full="drop").
 
         With on_full="block", waits for room up to `timeout` seconds (None: as long as it takes)
-        and raises PushTimeout after that. A list is sent as few messages as `max_message_mb` allows.
+        and raises PushTimeout after that. A list or batch is sent as few messages as `max_message_mb`
+        allows; a packed TrajectoryBatch within the limit goes without a copy.
         """
-        trajs = [items] if isinstance(items, Trajectory) else list(items)
         deadline = None if timeout is None else time.monotonic() + timeout
+        if isinstance(items, TrajectoryBatch):
+            chunks = self._batch_chunks(items)
+        else:
+            chunks = self._chunks([items] if isinstance(items, Trajectory) else list(items))
         sent_all = True
-        for chunk in self._chunks(trajs):
+        for chunk in chunks:
             sent_all &= self._send(chunk, deadline, timeout)
         return sent_all
 
-    def _chunks(self, trajs: list[Trajectory]) -> list[list[Trajectory]]:
+    def fits_one_message(self, batch: TrajectoryBatch) -> bool:
+        """Whether `push(batch)` sends one message (so a failed push sent nothing of it)."""
+        return 4 * (batch.prompt_ids.numel() + 2 * batch.completion_ids.numel()) <= self._max_payload
+
+    def _batch_chunks(self, batch: TrajectoryBatch) -> list:
+        if not len(batch):
+            return []
+        if batch.packed and self.fits_one_message(batch):
+            return [batch]
+        return self._chunks(batch.views())
+
+    def _chunks(self, trajs: list) -> list[list]:
         # The usual push (a group well under the limit) is one message: sized with C-level sums first.
         total = 4 * (sum(map(_numel, map(_prompt_of, trajs))) + 2 * sum(map(_numel, map(_completion_of, trajs))))
         if total <= self._max_payload:
@@ -128,7 +153,7 @@ class TrajectoryStream:
             size += nbytes
         return chunks
 
-    def _send(self, chunk: list[Trajectory], deadline: float | None, timeout: float | None) -> bool:
+    def _send(self, chunk: TrajectoryBatch | list, deadline: float | None, timeout: float | None) -> bool:
         frames = encode(chunk)
         started = time.monotonic()
         try:
@@ -154,7 +179,7 @@ class TrajectoryStream:
             self.counters.blocked_s += time.monotonic() - started
         self.counters.sent += len(chunk)
         self.counters.messages += 1
-        self.counters.bytes += len(frames[0]) + sum(f.nbytes for f in frames[1:])  # header bytes + arrays
+        self.counters.bytes += len(frames[0]) + sum(map(_nbytes_of, frames[1:]))  # header bytes + arrays
         return True
 
     def _send_frames(self, frames: list) -> None:
@@ -164,10 +189,11 @@ class TrajectoryStream:
         what pyzmq would do with them anyway, minus the Frame object it builds first. ZeroMQ checks the
         high-water mark on the first part only, and rolls back the parts sent when a later one fails.
         """
-        last = len(frames) - 1
-        for i, frame in enumerate(frames):
-            flags = zmq.NOBLOCK if i == last else zmq.NOBLOCK | zmq.SNDMORE
-            self._socket.send(frame, flags, copy=len(frame) < _COPY_BELOW if i == 0 else frame.nbytes < _COPY_BELOW)
+        send = self._socket.send
+        send(frames[0], _SEND_MORE, copy=len(frames[0]) < _COPY_BELOW)  # the header: bytes
+        for frame in frames[1:-1]:
+            send(frame, _SEND_MORE, copy=frame.nbytes < _COPY_BELOW)
+        send(frames[-1], _SEND_LAST, copy=frames[-1].nbytes < _COPY_BELOW)
 
     def close(self) -> None:
         """Close the socket (waiting at most the linger time for queued messages)."""
@@ -191,7 +217,7 @@ class TrajectoryReceiver:
         self.last_rejection: str | None = None
         self._counters = ReceiverCounters()
         self._lock = threading.Lock()
-        self._queue: BoundedBatchQueue[Trajectory] = BoundedBatchQueue(cfg.queue_size)
+        self._queue: BoundedBatchQueue[TrajectoryBatch] = BoundedBatchQueue(cfg.queue_size)  # in trajectories
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self._context = zmq.Context()
@@ -226,33 +252,40 @@ class TrajectoryReceiver:
         """Trajectories waiting in the queue."""
         return len(self._queue)
 
-    def get(self, timeout: float | None = None) -> Trajectory | None:
+    def get(self, timeout: float | None = None) -> TrajectoryView | None:
         """The next trajectory, or None when none arrived within `timeout` seconds (None: wait forever)."""
-        batch = self._take(1, timeout, wait_for_all=False)
-        return batch[0] if batch else None
+        batches = self._take(1, timeout, wait_for_all=False)
+        return batches[0].view(0) if batches else None
 
-    def get_batch(self, n: int, timeout: float) -> list[Trajectory]:
-        """Up to `n` trajectories: returns as soon as `n` are there, or what arrived within `timeout` s."""
+    def get_batch(self, n: int, timeout: float) -> list[TrajectoryView]:
+        """Up to `n` trajectories as lazy views: as soon as `n` are there, or what arrived within `timeout` s."""
+        return [view for batch in self.take_batches(n, timeout) for view in batch.views()]
+
+    def take_batches(self, n: int, timeout: float) -> list[TrajectoryBatch]:
+        """Up to `n` trajectories as columns (whole messages or row slices of them), in arrival order:
+        as soon as `n` are there, or what arrived within `timeout` s."""
         if n < 1:
-            raise ValueError(f"get_batch(n={n}): expected n >= 1")
+            raise ValueError(f"take_batches(n={n}): expected n >= 1")
         deadline = time.monotonic() + timeout
-        batch = self._take(n, timeout, wait_for_all=True)
-        # A queue smaller than n hands the batch over in several takes.
-        while len(batch) < n and time.monotonic() < deadline:
-            more = self._take(n - len(batch), deadline - time.monotonic(), wait_for_all=True)
+        batches = self._take(n, timeout, wait_for_all=True)
+        got = sum(map(len, batches))
+        # A queue smaller than n hands the trajectories over in several takes.
+        while got < n and time.monotonic() < deadline:
+            more = self._take(n - got, deadline - time.monotonic(), wait_for_all=True)
             if not more:
                 break
-            batch.extend(more)
-        return batch
+            batches.extend(more)
+            got += sum(map(len, more))
+        return batches
 
-    def _take(self, n: int, timeout: float | None, wait_for_all: bool) -> list[Trajectory]:
-        batch = self._queue.take(n, timeout, wait_for_all)
-        if batch:
+    def _take(self, n: int, timeout: float | None, wait_for_all: bool) -> list[TrajectoryBatch]:
+        batches = self._queue.take(n, timeout, wait_for_all)
+        if batches:
             with self._lock:
-                self._counters.delivered += len(batch)
+                self._counters.delivered += sum(map(len, batches))
         else:
             self._raise_if_dead()
-        return batch
+        return batches
 
     def _raise_if_dead(self) -> None:
         if self._error is not None:
@@ -279,18 +312,18 @@ class TrajectoryReceiver:
             self._socket.close(linger=0)
 
     def _handle(self, frames: list[zmq.Frame]) -> bool:
-        """Decode one message and queue its trajectories; False when stopped while waiting for room."""
+        """Decode one message and queue it whole; False when stopped while waiting for room."""
         try:
-            trajs = decode(frames, self.max_message_bytes)
+            batch = decode(frames, self.max_message_bytes)
         except MalformedMessage as err:
             self._reject(err)
             return True
         with self._lock:
             self._counters.received += 1
-            self._counters.accepted += len(trajs)
+            self._counters.accepted += len(batch)
         if self.on_full == "block":
-            return self._queue.put_all(trajs, self._stop.is_set)  # meanwhile the socket is not read
-        shed = self._queue.put_available(trajs)
+            return self._queue.put_all(batch, self._stop.is_set)  # meanwhile the socket is not read
+        shed = self._queue.put_available(batch)
         if shed:
             with self._lock:
                 self._counters.dropped_full += shed
@@ -300,6 +333,7 @@ class TrajectoryReceiver:
         with self._lock:
             self._counters.received += 1
             self._counters.rejected += 1
+            self._counters.rejected_schema += isinstance(err, UnsupportedSchema)
             rejected = self._counters.rejected
         self.last_rejection = str(err)
         if rejected <= 10 or rejected % 1000 == 0:

@@ -1,10 +1,12 @@
 """The learner's bounded hand-off between the receiving thread and the training loop.
 
-A deque under one lock, filled and drained many trajectories at a time: the receiving thread puts a
-whole decoded message with one lock round-trip and the learner takes a whole batch with one, which
-`queue.Queue` (a lock round-trip per item on each side) cannot do. A taker waiting for n items is
-woken once when n are there, not at every put, so the two threads do not trade the GIL per message.
-It never holds more than `capacity` items.
+It holds whole decoded messages (`TrajectoryBatch`es, or anything with `len` and `rows(start, stop)`)
+and counts trajectories, not messages: it never holds more than `capacity` trajectories. The receiving
+thread puts a message with one lock round-trip; a message larger than the room left goes in as row
+slices while room appears (no copy: a slice shares the message's tensors). The learner takes up to n
+trajectories as a few slices with one lock round-trip, the last one cut to fit. A taker waiting for n
+trajectories is woken once when n are there, not at every put, so the two threads do not trade the
+GIL per message.
 """
 
 from __future__ import annotations
@@ -12,39 +14,51 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from typing import Callable, Generic, Sequence, TypeVar
-
-Item = TypeVar("Item")
+from typing import Callable, Generic, Protocol, TypeVar
 
 
-class BoundedBatchQueue(Generic[Item]):
+class RowBatch(Protocol):
+    def __len__(self) -> int: ...
+
+    def rows(self, start: int, stop: int) -> "RowBatch": ...
+
+
+Batch = TypeVar("Batch", bound=RowBatch)
+
+
+class BoundedBatchQueue(Generic[Batch]):
     def __init__(self, capacity: int):
         if capacity < 1:
-            raise ValueError(f"queue capacity = {capacity}: expected >= 1")
+            raise ValueError(f"queue capacity = {capacity}: expected >= 1 trajectories")
         self.capacity = capacity
-        self._items: deque[Item] = deque()
+        self._batches: deque[Batch] = deque()
+        self._rows = 0  # trajectories held, all batches together
         self._lock = threading.Lock()
-        self._filled = threading.Condition(self._lock)  # a taker waits here for `_wanted` items
+        self._filled = threading.Condition(self._lock)  # a taker waits here for `_wanted` trajectories
         self._drained = threading.Condition(self._lock)  # a blocked putter waits here for room
         self._wanted = 0  # largest count a waiting taker needs (0: nobody waits)
 
     def __len__(self) -> int:
-        return len(self._items)
+        """Trajectories waiting."""
+        return self._rows
 
-    def _added(self) -> None:
-        if self._wanted and len(self._items) >= self._wanted:
+    def _add(self, batch: Batch, start: int, stop: int, whole: bool) -> None:
+        self._batches.append(batch if whole else batch.rows(start, stop))
+        self._rows += stop - start
+        if self._wanted and self._rows >= self._wanted:
             self._filled.notify_all()
 
-    def put_all(self, items: Sequence[Item], stopped: Callable[[], bool], poll_s: float = 0.1) -> bool:
-        """Enqueue every item, waiting for room as needed; False if `stopped()` turned true first."""
+    def put_all(self, batch: Batch, stopped: Callable[[], bool], poll_s: float = 0.1) -> bool:
+        """Enqueue every trajectory of `batch`, waiting for room as needed; False if `stopped()` turned true first."""
+        total = len(batch)
         start = 0
         with self._lock:
-            while start < len(items):
-                room = self.capacity - len(self._items)
+            while start < total:
+                room = self.capacity - self._rows
                 if room > 0:
-                    self._items.extend(items[start : start + room])
-                    start += room
-                    self._added()
+                    stop = min(total, start + room)
+                    self._add(batch, start, stop, whole=start == 0 and stop == total)
+                    start = stop
                 elif stopped():
                     return False
                 else:
@@ -53,29 +67,42 @@ class BoundedBatchQueue(Generic[Item]):
                     self._drained.wait(poll_s)
         return True
 
-    def put_available(self, items: Sequence[Item]) -> int:
-        """Enqueue what fits without waiting; returns how many items were shed."""
+    def put_available(self, batch: Batch) -> int:
+        """Enqueue what fits without waiting; returns how many trajectories were shed."""
+        total = len(batch)
         with self._lock:
-            room = max(0, self.capacity - len(self._items))
-            self._items.extend(items[:room])
-            self._added()
-        return max(0, len(items) - room)
+            fits = min(total, max(0, self.capacity - self._rows))
+            if fits:
+                self._add(batch, 0, fits, whole=fits == total)
+        return total - fits
 
-    def take(self, n: int, timeout: float | None, wait_for_all: bool) -> list[Item]:
-        """Up to `n` items; waits up to `timeout` s (None: forever) for 1 item, or for `n` if `wait_for_all`."""
+    def take(self, n: int, timeout: float | None, wait_for_all: bool) -> list[Batch]:
+        """Batches of up to `n` trajectories in all; waits up to `timeout` s (None: forever) for 1
+        trajectory, or for `n` if `wait_for_all`."""
         deadline = None if timeout is None else time.monotonic() + timeout
         # A full queue can never reach more than `capacity`: wait for at most that.
         want = min(n, self.capacity) if wait_for_all else 1
         with self._lock:
-            while len(self._items) < want:
+            while self._rows < want:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     break
                 self._wanted = max(self._wanted, want)
                 self._filled.wait(left)
                 self._wanted = 0
-            count = min(n, len(self._items))
-            taken = [self._items.popleft() for _ in range(count)]
+            taken: list[Batch] = []
+            need = min(n, self._rows)
+            while need:
+                head = self._batches[0]
+                size = len(head)
+                if size <= need:
+                    taken.append(self._batches.popleft())
+                else:  # cut the head: its first `need` rows go, the rest stays first in line
+                    taken.append(head.rows(0, need))
+                    self._batches[0] = head.rows(need, size)
+                    size = need
+                self._rows -= size
+                need -= size
             if taken:
                 self._drained.notify_all()
         return taken

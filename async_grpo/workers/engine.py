@@ -18,8 +18,9 @@
   path saves); "on" takes it whenever a group shares a block. It has its own set of graphs,
   captured for the call's number of prompts and samples per prompt n (they bound the groups and a
   group's live rows, which fix the kernel's grid), and recaptured only when those change;
-- fused ops (`kv.fused_decode_ops`): every forward of the engine runs the model's fused kernels
-  (model/fused_decode.py); the engine has the model build its fused weight copies before any capture;
+- fused ops (`kv.fused_decode_ops`, on by default for CUDA): every forward of the engine runs the model's
+  fused kernels (model/fused_decode.py); the engine has the model build its fused weight copies before
+  any capture;
 - catch-up step (only after a weight update): re-prefilled samples feed all their generated tokens
   in one varlen forward, then rejoin the decode batch.
 
@@ -95,6 +96,16 @@ class GenerationStats:
     peak_blocks_in_use: int = 0
 
 
+def fused_ops_enabled(setting: bool | str, device: torch.device) -> bool:
+    """Resolve `kv.fused_decode_ops`: "auto" is on for a CUDA engine only (on the CPU its kernels would
+    run in Triton's interpreter, or fall back to the same torch maths as the eager decoder)."""
+    if setting == "auto":
+        return device.type == "cuda"
+    if isinstance(setting, bool):
+        return setting
+    raise ValueError(f"kv.fused_decode_ops = {setting!r}: expected true, false or 'auto'")
+
+
 class GenerationEngine:
     def __init__(
         self,
@@ -110,7 +121,7 @@ class GenerationEngine:
         self.tp_group = tp_group
         self.backend = select_backend(kv_cfg.attention, self.device, kv_cfg.block_size)
         self.shared_prefix = shared_prefix_mode(kv_cfg.shared_prefix, self.backend)  # "on" | "auto" | "off"
-        self.fused_ops = kv_cfg.fused_decode_ops
+        self.fused_ops = fused_ops_enabled(kv_cfg.fused_decode_ops, self.device)
         if self.fused_ops:
             # Before any graph capture: the graphs read the fused weight copies in place.
             model.prepare_fused_decode()

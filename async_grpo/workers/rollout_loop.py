@@ -26,7 +26,7 @@ from async_grpo.config import RunConfig
 from async_grpo.transport import store_keys
 from async_grpo.transport.control import WeightsListener
 from async_grpo.transport.stream import PushTimeout, TrajectoryStream
-from async_grpo.transport.trajectory import Trajectory
+from async_grpo.transport.trajectory_batch import TrajectoryBatch
 from async_grpo.transport.weights import WeightReceiver
 from async_grpo.workers.engine import GenerationEngine
 
@@ -130,11 +130,13 @@ def serve_until(ctx: WorkerContext, sync: WeightSync, ready: Callable[[], bool],
 
 def build_trajectories(
     ctx: WorkerContext, items: list, completions: list, positions: list[int]
-) -> list[list[Trajectory]]:
+) -> list[TrajectoryBatch]:
     """Score every completion, compute group advantages, and build each prompt's trajectories.
 
     `group_id` is the prompt's position in this group's prompt stream (`positions[i]` for items[i]),
-    which is what a resumed run needs to start after the prompts the learner consumed.
+    which is what a resumed run needs to start after the prompts the learner consumed. Each prompt's
+    kept samples become one columnar batch (one tensor conversion per field for the whole group),
+    which the stream sends as one message without another copy.
     """
     flat_items, flat_ids, group_ids = [], [], []
     for g, (item, samples) in enumerate(zip(items, completions)):
@@ -147,41 +149,35 @@ def build_trajectories(
     # The reward's cumulative failure counts ride along, so the learner's metrics show them per step.
     stats = ctx.task.reward_stats()
     extra = {f"reward_{k}": float(stats.get(k, 0)) for k in ("failures", "timeouts")}
-    out: list[list[Trajectory]] = []
+    keep = adv.keep.tolist()
+    advantages = adv.advantages.tolist()
+    out: list[TrajectoryBatch] = []
     k = 0
     for g, (item, samples) in enumerate(zip(items, completions)):
-        prompt = torch.tensor(item.prompt_ids, dtype=torch.int32)  # [P], shared by the group's samples
-        group: list[Trajectory] = []
-        for s, sample in enumerate(samples):
-            # Aborted samples (the run is stopping) and DAPO-filtered groups never leave the worker.
-            if bool(adv.keep[k]) and sample.finish_reason != "abort":
-                group.append(
-                    Trajectory(
-                        prompt_ids=prompt,
-                        completion_ids=sample.token_ids,
-                        behaviour_logprobs=sample.logprobs,
-                        reward=rewards[k],
-                        advantage=float(adv.advantages[k]),
-                        group_id=positions[g],
-                        sample_index=s,
-                        policy_version=sample.policy_version,
-                        finish_reason=sample.finish_reason,
-                        worker_id=ctx.worker_group,
-                        extra=extra,
-                    )
-                )
-            k += 1
-        out.append(group)
+        # Aborted samples (the run is stopping) and DAPO-filtered groups never leave the worker.
+        kept = [s for s, sample in enumerate(samples) if keep[k + s] and sample.finish_reason != "abort"]
+        chosen = [samples[s] for s in kept]
+        out.append(TrajectoryBatch.from_group(
+            item.prompt_ids, [c.token_ids for c in chosen], [c.logprobs for c in chosen],
+            [rewards[k + s] for s in kept], [advantages[k + s] for s in kept], group_id=positions[g],
+            sample_indices=kept, policy_versions=[c.policy_version for c in chosen],
+            finish_reasons=[c.finish_reason for c in chosen], worker_id=ctx.worker_group, extra=extra,
+        ))
+        k += len(samples)
     return out
 
 
-def push_groups(ctx: WorkerContext, sync: WeightSync, groups: list[list[Trajectory]]) -> None:
-    """Send each prompt's trajectories as one message, with back-pressure, serving weights while blocked.
+def push_groups(ctx: WorkerContext, sync: WeightSync, groups: list[TrajectoryBatch]) -> None:
+    """Send the batch's trajectories as one message, with back-pressure, serving weights while blocked.
 
-    Messages go one group at a time (a message is sent whole or not at all), so a retry after a full
-    queue never sends a trajectory twice.
+    All groups of a generation batch travel together (one copy to join them): the learner's per-message
+    cost is paid once for B x G trajectories, not B times. A message is sent whole or not at all, so a
+    retry after a full queue never sends a trajectory twice; only a batch over `max_message_mb` is split.
     """
-    pending = [g for g in groups if g]
+    kept = [g for g in groups if g]
+    pending = [TrajectoryBatch.concat(kept)] if kept and ctx.stream is not None else []
+    if pending and not ctx.stream.fits_one_message(pending[0]):
+        pending = kept  # one group per message: each is still sent whole or not at all
 
     def sent_all() -> bool:
         assert ctx.stream is not None
@@ -275,7 +271,7 @@ def run_worker(ctx: WorkerContext, resume_position: int = 0) -> int:
             )
             if ctx.engine.stopped:
                 raise RolloutStopped
-            groups: list[list[Trajectory]] = []
+            groups: list[TrajectoryBatch] = []
             if ctx.tp_rank == 0:
                 groups = build_trajectories(ctx, items, completions, [position + i for i in kept])
                 generated += sum(len(g) for g in groups)
