@@ -231,12 +231,21 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def _raise_first(err: ValidationError, tree: dict[str, Any], source: str) -> None:
-    first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "<root>"
+    errors = err.errors()
+    first = errors[0]
+    loc = tuple(first["loc"])
     value = first.get("input")
     if first["type"] == "extra_forbidden":
-        raise ConfigError(key, value, "no such key (unknown keys are not allowed)", source) from None
-    raise ConfigError(key, value, first["msg"], source) from None
+        raise ConfigError(".".join(map(str, loc)) or "<root>", value, "no such key (unknown keys are not allowed)",
+                          source) from None
+    # A value matching no member of a union (e.g. `bool | "auto"`) fails once per member, each error's loc
+    # ending in that member's tag ("bool", "literal['auto']"): report the key once, with every alternative.
+    branches = [e for e in errors if len(e["loc"]) == len(loc) and tuple(e["loc"][:-1]) == loc[:-1]]
+    if len(branches) > 1:
+        alternatives = " or ".join(e["msg"].removeprefix("Input should be ") for e in branches)
+        raise ConfigError(".".join(map(str, loc[:-1])), value, alternatives, source) from None
+    raise ConfigError(".".join(map(str, loc)) or "<root>", value, first["msg"].removeprefix("Input should be "),
+                      source) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

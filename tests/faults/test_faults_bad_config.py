@@ -32,8 +32,13 @@ CASES = {
     ),
     "wrong_type": (
         ["trainer.max_steps=abc"], None,
-        "config key 'trainer.max_steps' = 'abc' (from {config} + command line): expected Input should be a valid "
+        "config key 'trainer.max_steps' = 'abc' (from {config} + command line): expected a valid "
         "integer, unable to parse string as an integer",
+    ),
+    "neither_bool_nor_auto": (
+        ["learner.compile=maybe"], None,
+        "config key 'learner.compile' = 'maybe' (from {config} + command line): expected a valid boolean, "
+        "unable to interpret input or 'auto'",
     ),
     "learner_ranks_fill_the_world": (
         ["learner.num_ranks=2"], 2,
