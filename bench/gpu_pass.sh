@@ -22,7 +22,6 @@ step tests 200 "$py" -m pytest -q -rs tests/test_engine_cuda_graphs.py tests/tes
   tests/test_engine_shared_prefix.py tests/test_model_fused_ops.py tests/test_model_logprobs_fused.py \
   tests/test_learner_fast_path.py
 step rollout_16x16 240 "$py" bench/rollout.py --cases 16x16 --also-eager --repeats 3 --hf-repeats 1 --fused-ops both
-step rollout_main 150 "$py" bench/rollout.py --cases 16x16,32x16-1k --repeats 3 --hf-repeats 1
 step rollout_shared 200 "$py" bench/rollout.py --cases 32x16-1k --shared-prefix both --repeats 3 --no-hf
 step rollout_rest 150 "$py" bench/rollout.py --cases 8x8,32x16-1k --repeats 3 --hf-repeats 1
 step learner_fast 170 "$py" bench/learner.py --zero 2 --no-reference --micro-batch-tokens 16384 \

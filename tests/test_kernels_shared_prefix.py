@@ -13,21 +13,14 @@ from async_grpo.kv.shared_prefix import GroupLayout, shared_prefix_decode_attent
 from async_grpo.kv.triton_kv_write import write_kv  # noqa: E402
 from async_grpo.kv.triton_paged import paged_decode_attention  # noqa: E402
 
+from test_kernels_paged import reference_decode_attention  # noqa: E402
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def reference_attention(q, k_cache, v_cache, tables, lens, scale):
-    """fp64 softmax attention over each sequence's tokens gathered through its (python list) block table."""
-    B, Hq, D = q.shape
-    page, Hkv = k_cache.shape[1], k_cache.shape[2]
-    out = torch.zeros(B, Hq, D, dtype=torch.float64)
-    for b in range(B):
-        tok = torch.arange(lens[b])
-        blocks = torch.tensor(tables[b], dtype=torch.long)[tok // page]
-        k = k_cache.cpu()[blocks, tok % page].double().repeat_interleave(Hq // Hkv, dim=1)  # [n, Hq, D]
-        v = v_cache.cpu()[blocks, tok % page].double().repeat_interleave(Hq // Hkv, dim=1)
-        s = torch.einsum("hd,nhd->hn", q[b].cpu().double(), k) * scale
-        out[b] = torch.einsum("hn,nhd->hd", torch.softmax(s, dim=1), v)
+    """fp64 reference over each sequence's tokens gathered through its (python list) block table."""
+    out, _ = reference_decode_attention(q, k_cache, v_cache, [torch.tensor(t) for t in tables], lens, scale)
     return out
 
 

@@ -48,7 +48,7 @@ from async_grpo.kv.triton_paged import (
 
 # 128 rows hold G=16 samples x 7-8 query heads per KV head (Qwen2-0.5B: 14 q / 2 kv heads) in one tile.
 MAX_TILE_ROWS = 128
-# Prompt tokens per tile of the prefix kernel, and its warps for tiles over 64 rows: on an H200 at prompt
+# Prompt tokens per tile of the prefix kernel, and its warps: on an H200 at prompt
 # 4k, G 16, a grid over tiles (64, 128), splits (4-32), row tiles (64, 128), warps (4, 8) and prefetching
 # put 64 / auto (8 busy splits) / 128 / 4 / prefetching first: 38.9 us, against 41.3 without prefetching.
 PREFIX_BLOCK_N = 64
@@ -239,7 +239,7 @@ def shared_prefix_decode_attention(
     block_n: int = DEFAULT_BLOCK_N,
     prefix_block_n: int = PREFIX_BLOCK_N,
     max_tile_rows: int = MAX_TILE_ROWS,
-    prefix_num_warps: int | None = None,
+    prefix_num_warps: int = PREFIX_NUM_WARPS,
     prefix_num_stages: int = 2,
     suffix_num_warps: int = 4,
     suffix_num_stages: int = 2,
@@ -318,7 +318,7 @@ def shared_prefix_decode_attention(
         HEAD_DIM=D, GQ=gq, ROWS=rows, BLOCK_N=prefix_block_n, PAGE=page,
         BLOCK_D=max(16, triton.next_power_of_2(D)), DOT_PRECISION=dot_precision(q.dtype),
         UPCAST=upcast_dots(q.dtype), PREFETCH=prefix_prefetch, num_stages=prefix_num_stages,
-        num_warps=prefix_num_warps or (PREFIX_NUM_WARPS if rows > 64 else 4),
+        num_warps=prefix_num_warps,
     )
     if suffix_splits == 1:
         launch_paged_splits(

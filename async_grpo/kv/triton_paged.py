@@ -178,20 +178,6 @@ def finish_partial(acc, m_i, l_i):
 
 
 @triton.jit
-def merge_two(out_a, lse_a, out_b, lse_b):
-    """Exact merge of two normalised partials over disjoint tokens; both empty gives (0, -inf)."""
-    m = tl.maximum(lse_a, lse_b)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w_a = tl.exp(lse_a - m_safe)
-    w_b = tl.exp(lse_b - m_safe)
-    total = w_a + w_b
-    has = total > 0
-    total_safe = tl.where(has, total, 1.0)
-    out = (out_a * w_a[:, None] + out_b * w_b[:, None]) / total_safe[:, None]
-    return out, tl.where(has, m_safe + tl.log(total_safe), float("-inf"))
-
-
-@triton.jit
 def split_range(ctx_len, split, NUM_SPLITS, BLOCK_N: tl.constexpr):
     """Token range [start, end) of one split: equal chunks rounded up to whole tiles."""
     chunk = tl.cdiv(tl.cdiv(ctx_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
