@@ -74,6 +74,8 @@ class Variant:
     micro_batch_tokens: int
     fused_logprobs: str  # auto | on | off
     compile: str  # auto | on | off
+    chunk_mb: int  # learner.logprob_chunk_mb
+    grad_checks: str  # learner.fused_grad_checks: on | off
 
 
 def run_one(args: argparse.Namespace, variant: Variant) -> dict[str, object]:
@@ -87,12 +89,14 @@ def run_one(args: argparse.Namespace, variant: Variant) -> dict[str, object]:
         "learner": {"zero_stage": variant.zero_stage, "lr": 1e-6, "micro_batch_tokens": variant.micro_batch_tokens,
                     "device": args.device, "gradient_checkpointing": args.gradient_checkpointing,
                     "fused_logprobs": SWITCH[variant.fused_logprobs], "compile": SWITCH[variant.compile],
+                    "logprob_chunk_mb": variant.chunk_mb, "fused_grad_checks": SWITCH[variant.grad_checks],
                     "loss": {"kl_beta": 0.01 if variant.with_reference else 0.0}},
     })
     model = build_model(cfg.model, device="cpu", dtype=torch.float32)
     n_params = sum(p.numel() for p in model.parameters())
     learner = Learner(cfg, model)
     vocab = model.args.vocab_size
+    phases = PhaseTimer(learner) if args.phases and learner.device.type == "cuda" else None
     times, tokens = [], 0
     for step in range(args.warmup + args.steps):
         batch = synthetic_step(vocab, args.tokens_per_step, args.seq_len, args.prompt_len, seed=step)
@@ -105,9 +109,16 @@ def run_one(args: argparse.Namespace, variant: Variant) -> dict[str, object]:
             torch.cuda.synchronize()
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
+            if phases is not None:
+                phases.keep()
+        elif phases is not None:
+            phases.drop()
     if args.profile and learner.device.type == "cuda":
         profile_steps(learner, args, vocab)
+    if args.cprofile:
+        cprofile_optimizer_step(learner, args, vocab)
     median = statistics.median(times)
+    phase_text = phases.summary() if phases is not None else ""
     flops_per_token = (6 + (2 if variant.with_reference else 0)) * n_params
     fused, compiled = learner.fused_logprobs, learner.compiled
     peak_mem = torch.cuda.max_memory_allocated() / 2**30 if learner.device.type == "cuda" else float("nan")
@@ -121,7 +132,43 @@ def run_one(args: argparse.Namespace, variant: Variant) -> dict[str, object]:
     return {"zero": variant.zero_stage, "ref": variant.with_reference, "mbt": variant.micro_batch_tokens,
             "fused": fused, "compiled": compiled, "params": n_params, "tokens": tokens, "step_s": median,
             "tokens_per_s": tokens / median, "mfu": flops_per_token * tokens / median / PEAK_FLOPS,
-            "peak_mem_gib": peak_mem}
+            "peak_mem_gib": peak_mem, "phases": phase_text}
+
+
+class PhaseTimer:
+    """Wall time of the step's parts (CUDA-synchronised): forward+loss, backward, optimiser step.
+
+    Wraps the DeepSpeed engine's `forward`/`backward`/`step` on this instance only; the syncs it adds
+    make the parts add up to slightly more than an untimed step.
+    """
+
+    def __init__(self, learner: object):
+        self.totals: dict[str, list[float]] = {"backward": [], "optimizer": []}
+        self.current = {"backward": 0.0, "optimizer": 0.0}
+        engine = learner.engine
+        for name, attr in (("backward", "backward"), ("optimizer", "step")):
+            engine.__dict__[attr] = self._timed(name, getattr(engine, attr))
+
+    def _timed(self, name: str, fn):
+        def wrapper(*args, **kwargs):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            torch.cuda.synchronize()
+            self.current[name] += time.perf_counter() - start
+            return out
+        return wrapper
+
+    def keep(self) -> None:
+        for name, value in self.current.items():
+            self.totals[name].append(value)
+        self.drop()
+
+    def drop(self) -> None:
+        self.current = {name: 0.0 for name in self.current}
+
+    def summary(self) -> str:
+        return " ".join(f"{name} {statistics.median(v):.3f}s" for name, v in self.totals.items() if v)
 
 
 def profile_steps(learner: object, args: argparse.Namespace, vocab: int) -> None:
@@ -135,6 +182,64 @@ def profile_steps(learner: object, args: argparse.Namespace, vocab: int) -> None
             learner.step(batch)
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=60), flush=True)
+    print_kernel_groups(prof, steps=len(batches))
+
+
+def cprofile_optimizer_step(learner: object, args: argparse.Namespace, vocab: int) -> None:
+    """One more step with the DeepSpeed engine's `step` (the optimiser phase) under cProfile: its host time."""
+    import cProfile
+    import pstats
+
+    engine, profiler = learner.engine, cProfile.Profile()
+    original = engine.step
+
+    def profiled(*a, **kw):
+        if learner.device.type == "cuda":
+            torch.cuda.synchronize()
+        profiler.enable()
+        try:
+            out = original(*a, **kw)
+            if learner.device.type == "cuda":
+                torch.cuda.synchronize()
+            return out
+        finally:
+            profiler.disable()
+
+    engine.__dict__["step"] = profiled
+    try:
+        learner.step(synthetic_step(vocab, args.tokens_per_step, args.seq_len, args.prompt_len, seed=2000))
+    finally:
+        engine.__dict__["step"] = original
+    pstats.Stats(profiler).sort_stats("cumulative").print_stats(45)
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+
+
+KERNEL_GROUPS = (  # first match wins; lower-case substrings of CUDA kernel names
+    ("attention (flash / sdpa)", ("flash", "fmha", "attention", "sdpa")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "sm90_xmma", "cublas", "matmul", "wgmma")),
+    ("optimizer (multi-tensor)", ("multi_tensor", "adam")),
+    ("compiled (triton)", ("triton",)),
+    ("copy / cast", ("memcpy", "copy", "memset", "fill", "cast")),
+    ("reduce / softmax / loss", ("reduce", "softmax", "logsumexp", "nll", "embedding", "index", "scatter", "gather")),
+)
+
+
+def print_kernel_groups(prof: object, steps: int) -> None:
+    """Per-step GPU time by kind of kernel (the profile's device events, self time)."""
+    groups: dict[str, float] = {}
+    for evt in prof.key_averages():
+        device_us = getattr(evt, "self_device_time_total", None)
+        if device_us is None:
+            device_us = getattr(evt, "self_cuda_time_total", 0.0)
+        if not device_us or evt.key.startswith(("aten::", "cuda", "ProfilerStep", "Torch-Compiled", "autograd")):
+            continue
+        name = evt.key.lower()
+        group = next((g for g, keys in KERNEL_GROUPS if any(k in name for k in keys)), "other")
+        groups[group] = groups.get(group, 0.0) + device_us
+    total = sum(groups.values())
+    print(f"GPU time per step by kernel kind ({total / steps / 1e3:.1f} ms of kernels):")
+    for group, us in sorted(groups.items(), key=lambda kv: -kv[1]):
+        print(f"  {group:32s} {us / steps / 1e3:8.2f} ms  {us / total:6.1%}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,6 +262,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="learner.fused_logprobs: lm_head + logprobs on completion rows only")
     parser.add_argument("--compile", nargs="+", choices=sorted(SWITCH), default=["auto"],
                         help="learner.compile: torch.compile of every decoder layer")
+    parser.add_argument("--logprob-chunk-mb", type=int, nargs="+", default=[1024],
+                        help="learner.logprob_chunk_mb: fp32 MiB of one lm_head chunk on the fused path")
+    parser.add_argument("--fused-grad-checks", nargs="+", choices=["on", "off"], default=["on"],
+                        help="learner.fused_grad_checks: DeepSpeed's overflow check and norm as multi-tensor kernels")
+    parser.add_argument("--cprofile", action="store_true",
+                        help="also print a cProfile of one optimiser phase (DeepSpeed's engine.step)")
+    parser.add_argument("--phases", action="store_true",
+                        help="also time backward and the optimiser step apart (GPU; adds syncs)")
     args = parser.parse_args(argv)
     if args.tiny:
         args.preset, args.tokens_per_step, args.seq_len, args.prompt_len = "tiny", 256, 32, 8
@@ -164,14 +277,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cpu" or not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     print(f"{'zero':>4} {'ref':>5} {'mbt':>6} {'fused':>5} {'compile':>7} {'params':>12} {'tokens':>7} "
-          f"{'step_s':>8} {'tokens/s':>10} {'MFU':>7} {'mem_GiB':>8}")
+          f"{'step_s':>8} {'tokens/s':>10} {'MFU':>7} {'mem_GiB':>8} {'chunkMB':>6} {'checks':>6}")
     references = (False,) if args.no_reference else (False, True)
-    for zero_stage, with_reference, mbt, fused, compiled in itertools.product(
-            args.zero, references, args.micro_batch_tokens, args.fused_logprobs, args.compile):
-        r = run_one(args, Variant(zero_stage, with_reference, mbt, fused, compiled))
+    for zero_stage, with_reference, mbt, fused, compiled, chunk_mb, checks in itertools.product(
+            args.zero, references, args.micro_batch_tokens, args.fused_logprobs, args.compile,
+            args.logprob_chunk_mb, args.fused_grad_checks):
+        r = run_one(args, Variant(zero_stage, with_reference, mbt, fused, compiled, chunk_mb, checks))
         print(f"{r['zero']:>4} {str(r['ref']):>5} {r['mbt']:>6} {str(r['fused']):>5} {str(r['compiled']):>7} "
               f"{r['params']:>12,} {r['tokens']:>7} {r['step_s']:>8.3f} {r['tokens_per_s']:>10.0f} {r['mfu']:>7.2%} "
-              f"{r['peak_mem_gib']:>8.1f}", flush=True)
+              f"{r['peak_mem_gib']:>8.1f} {chunk_mb:>6} {checks:>6} {r['phases']}", flush=True)
     return 0
 
 

@@ -110,15 +110,21 @@ def test_cascade_with_bf16_prefix_partials_stays_within_their_rounding():
 
 
 @pytest.mark.parametrize("prefix_splits", [1, 3])
-def test_cascade_prefetching_prefix_loop_gives_the_same_bits(prefix_splits):
-    # The prefetching loop only issues the next tile's loads earlier: same tiles, same order, same sums.
+def test_cascade_prefetching_prefix_loop_gives_the_same_sums(prefix_splits):
+    # The prefetching loop only issues the next tile's loads earlier: same tiles, same order, same sums
+    # (bit for bit in the interpreter; a GPU compiler may contract the maths differently).
     seq_group = [1, 0, 1, 1, 0]
     case = CascadeCase([5, 3], seq_group, [2, 19, 7, 33, 16], 4, 2, 16, 16, torch.float32, seed=11)
     common = dict(prefix_splits=prefix_splits, block_n=16, prefix_block_n=16, return_lse=True)
-    out, lse = shared_prefix_decode_attention(case.q, case.k_cache, case.v_cache, *case.tensors(), 0.3, **common)
+    out, lse = shared_prefix_decode_attention(case.q, case.k_cache, case.v_cache, *case.tensors(), 0.3,
+                                              prefix_prefetch=False, **common)
     out_p, lse_p = shared_prefix_decode_attention(case.q, case.k_cache, case.v_cache, *case.tensors(), 0.3,
                                                   prefix_prefetch=True, **common)
-    assert torch.equal(out, out_p) and torch.equal(lse, lse_p)
+    if DEVICE == "cpu":
+        assert torch.equal(out, out_p) and torch.equal(lse, lse_p)
+    else:
+        torch.testing.assert_close(out_p, out, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(lse_p, lse, atol=1e-6, rtol=1e-6)
     tables, lens = case.full_tables()
     ref = reference_attention(case.q, case.k_cache, case.v_cache, tables, lens, 0.3)
     torch.testing.assert_close(out_p.cpu().double(), ref, atol=2e-5, rtol=2e-5)

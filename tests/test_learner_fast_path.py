@@ -90,7 +90,10 @@ def _cuda_variants_main(rank: int, world: int, port: int, out_dir: str) -> None:
         cfg.learner.optimizer = "torch_adamw"  # no FusedAdam build inside a test
         cfg.sampling.temperature = 0.7
         cfg.learner.fused_logprobs, cfg.learner.compile = fused, compiled
+        cfg.learner.loss.kl_beta = 0.5  # a reference on the GPU: compiled with the policy when it is
         learner = Learner(cfg, make_model())
+        reference_layers = learner.reference.module.model.layers
+        assert all((layer._compiled_call_impl is not None) == compiled for layer in reference_layers)
         results[(fused, compiled)] = [learner.step(make_step(s)) for s in range(STEPS)]
     torch.save(results, os.path.join(out_dir, "result.pt"))
     dist.destroy_process_group()
@@ -106,4 +109,8 @@ def test_fused_compiled_cuda_step_matches_the_eager_step_in_bf16(tmp_path):
     for key in ("loss", "entropy", "approx_kl", "is_weight_mean"):
         assert fast[0][key] == pytest.approx(eager[0][key], rel=2e-2, abs=1e-3), key
     assert fast[0]["grad_norm"] == pytest.approx(eager[0]["grad_norm"], rel=5e-2)
+    # The reference starts as the policy: KL ~0 (the compiled reference's inference graph may round
+    # differently from the policy's training graph), then both see the same update.
+    assert eager[0]["kl"] == 0.0 and abs(fast[0]["kl"]) < 1e-3
+    assert fast[1]["kl"] == pytest.approx(eager[1]["kl"], rel=0.1, abs=1e-4) and eager[1]["kl"] > 0
     assert fast[0]["tokens"] == eager[0]["tokens"] == 21.0

@@ -112,8 +112,8 @@ def test_bf16_hidden_gives_fp32_logprobs_and_bf16_gradients():
 
 def test_chunk_rows_follow_the_memory_budget():
     assert chunk_rows_for(151_936) == 1766  # 2**30 // (4 * 151936)
-    assert chunk_rows_for(10, chunk_bytes=100) == 2
-    assert chunk_rows_for(10**9, chunk_bytes=1) == 1
+    assert chunk_rows_for(1000, chunk_mb=1) == 262  # 2**20 // 4000
+    assert chunk_rows_for(10**9, chunk_mb=1) == 1
 
 
 def test_bad_inputs_are_named():

@@ -13,6 +13,8 @@ ds_world.py for why worker ranks in the same job do not hang it). A step:
      forward stops at the final hidden states and model/fused_logprobs.py applies the lm_head to the
      completion rows only, chunk by chunk, so no [B, S, V] logits tensor is ever made;
   4. one optimiser step (with gradient clipping and the LR schedule), metrics reduced over ranks.
+     Under ZeRO-1/2 DeepSpeed's per-gradient overflow check and norm run as multi-tensor kernels
+     (zero_grad_checks.py, `learner.fused_grad_checks`).
 
 `policy_version` counts optimiser steps since the initial weights; it travels with every weight
 broadcast and every trajectory generated from it.
@@ -42,7 +44,8 @@ from async_grpo.learner.loss import grpo_loss, loss_normalizer
 from async_grpo.learner.metrics import StepMetrics
 from async_grpo.learner.reference import ReferencePolicy
 from async_grpo.learner.schedule import make_lr_lambda
-from async_grpo.model.fused_logprobs import ChunkKernels, masked_token_logprobs
+from async_grpo.learner.zero_grad_checks import install_fused_grad_checks
+from async_grpo.model.fused_logprobs import ChunkKernels, chunk_rows_for, masked_token_logprobs
 from async_grpo.model.logprobs import token_entropy, token_logprobs
 
 
@@ -160,9 +163,12 @@ class Learner:
         self.fused_logprobs = fused_logprobs_enabled(lcfg.fused_logprobs, lcfg.zero_stage, model)
         self.compiled = compile_enabled(lcfg.compile, self.device, lcfg.zero_stage)
         if self.compiled:
-            # After the reference copy (which stays eager) and before DeepSpeed holds the layers.
+            # After the reference copy (deep-copied eager) and before DeepSpeed holds the layers.
             compile_decoder_layers(model)
         self.chunk_kernels = ChunkKernels(compiled=self.compiled and self.device.type == "cuda")
+        if self.reference is not None:
+            self.reference.speed_up(compile_decoder_layers if self.compiled else None, self.chunk_kernels,
+                                    lcfg.logprob_chunk_mb)
         model = model.to(self.device)
         optimizer = build_optimizer(model, lcfg, self.device)
         decay_steps = lcfg.decay_steps or cfg.trainer.max_steps
@@ -176,6 +182,7 @@ class Learner:
             dist_init_required=False,
         )
         self.engine.train()
+        self.fused_grad_checks = lcfg.fused_grad_checks and install_fused_grad_checks(self.optimizer)
         self.step_count = 0
         self.policy_version = 0
 
@@ -248,7 +255,9 @@ class Learner:
         """This micro-batch's forward: (logprobs with gradient, entropy without), each fp32 [B, S]."""
         if self.fused_logprobs:
             hidden = self.engine(input_ids, hidden_only=True)  # [B, S, H]
-            return masked_token_logprobs(hidden, self.module.lm_head.weight, targets, mask, self.temperature,
+            weight = self.module.lm_head.weight
+            chunk_rows = chunk_rows_for(weight.shape[0], self.cfg.learner.logprob_chunk_mb)
+            return masked_token_logprobs(hidden, weight, targets, mask, self.temperature, chunk_rows=chunk_rows,
                                          kernels=self.chunk_kernels)
         logits = self.engine(input_ids)  # [B, S, V]
         logprobs = token_logprobs(logits, targets, self.temperature)  # [B, S]

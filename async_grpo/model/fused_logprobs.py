@@ -31,18 +31,18 @@ from typing import Callable
 
 import torch
 
-# fp32 bytes of one chunk's [n, V] logits: n = budget / (4 V), e.g. 1,766 rows for a 151,936 vocabulary.
-DEFAULT_CHUNK_BYTES = 1 << 30
+# fp32 MiB of one chunk's [n, V] logits: n = budget / (4 V), e.g. 1,766 rows for a 151,936 vocabulary.
+DEFAULT_CHUNK_MB = 1024
 
 ChunkStatsFn = Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 ChunkGradFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 
-def chunk_rows_for(vocab_size: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
-    """Rows per chunk so that one chunk's fp32 logits take about `chunk_bytes`."""
-    if vocab_size < 1 or chunk_bytes < 1:
-        raise ValueError(f"vocab_size = {vocab_size}, chunk_bytes = {chunk_bytes}: expected both >= 1")
-    return max(1, chunk_bytes // (4 * vocab_size))
+def chunk_rows_for(vocab_size: int, chunk_mb: int = DEFAULT_CHUNK_MB) -> int:
+    """Rows per chunk so that one chunk's fp32 logits take about `chunk_mb` MiB."""
+    if vocab_size < 1 or chunk_mb < 1:
+        raise ValueError(f"vocab_size = {vocab_size}, chunk_mb = {chunk_mb}: expected both >= 1")
+    return max(1, (chunk_mb << 20) // (4 * vocab_size))
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
