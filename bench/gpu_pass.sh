@@ -24,9 +24,10 @@ step tests 200 "$py" -m pytest -q -rs tests/test_engine_cuda_graphs.py tests/tes
 step rollout_16x16 240 "$py" bench/rollout.py --cases 16x16 --also-eager --repeats 3 --hf-repeats 1 --fused-ops both
 step rollout_shared 200 "$py" bench/rollout.py --cases 32x16-1k --shared-prefix both --repeats 3 --no-hf
 step rollout_rest 150 "$py" bench/rollout.py --cases 8x8,32x16-1k --repeats 3 --hf-repeats 1
-step learner_fast 170 "$py" bench/learner.py --zero 2 --no-reference --micro-batch-tokens 16384 \
-  --fused-logprobs on --compile off on
-step learner 400 "$py" bench/learner.py --zero 2 3 --micro-batch-tokens 16384
+step learner_fast 200 "$py" bench/learner.py --zero 2 --no-reference --micro-batch-tokens 16384 \
+  --fused-grad-checks off on --phases
+step learner 400 "$py" bench/learner.py --zero 2 --only-reference --micro-batch-tokens 16384
+step learner_zero3 400 "$py" bench/learner.py --zero 3 --micro-batch-tokens 16384
 step attention_tune 110 "$py" bench/attention.py --tune --tune-cases ${TUNE_CASES:-4096x16,1024x16}
 step attention 120 "$py" bench/attention.py --sweep
 step single_gpu 170 "$py" -m async_grpo train configs/single_gpu.yaml out_dir=/tmp/single_gpu trainer.max_steps=${SINGLE_GPU_STEPS:-25}

@@ -231,7 +231,9 @@ def print_kernel_groups(prof: object, steps: int) -> None:
         device_us = getattr(evt, "self_device_time_total", None)
         if device_us is None:
             device_us = getattr(evt, "self_cuda_time_total", 0.0)
-        if not device_us or evt.key.startswith(("aten::", "cuda", "ProfilerStep", "Torch-Compiled", "autograd")):
+        # Kernels only: host-side rows (ops, launches, inductor's wrappers) carry their kernels' device time
+        # too, and a compiled kernel's launch row has the kernel's own name.
+        if not device_us or evt.cpu_time_total > 0:
             continue
         name = evt.key.lower()
         group = next((g for g, keys in KERNEL_GROUPS if any(k in name for k in keys)), "other")
@@ -257,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-reference", action="store_true", help="time only steps without a reference forward")
+    parser.add_argument("--only-reference", action="store_true", help="time only steps with a reference forward")
     parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table (GPU)")
     parser.add_argument("--fused-logprobs", nargs="+", choices=sorted(SWITCH), default=["auto"],
                         help="learner.fused_logprobs: lm_head + logprobs on completion rows only")
@@ -278,7 +281,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     print(f"{'zero':>4} {'ref':>5} {'mbt':>6} {'fused':>5} {'compile':>7} {'params':>12} {'tokens':>7} "
           f"{'step_s':>8} {'tokens/s':>10} {'MFU':>7} {'mem_GiB':>8} {'chunkMB':>6} {'checks':>6}")
-    references = (False,) if args.no_reference else (False, True)
+    if args.no_reference and args.only_reference:
+        parser.error("--no-reference and --only-reference exclude each other")
+    references = (False,) if args.no_reference else (True,) if args.only_reference else (False, True)
     for zero_stage, with_reference, mbt, fused, compiled, chunk_mb, checks in itertools.product(
             args.zero, references, args.micro_batch_tokens, args.fused_logprobs, args.compile,
             args.logprob_chunk_mb, args.fused_grad_checks):

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from async_grpo.transport.codec import MalformedMessage, UnsupportedSchema, decode, encode
+from async_grpo.transport import codec
+from async_grpo.transport.codec import SMALL_MESSAGE, MalformedMessage, UnsupportedSchema, decode, encode
 from async_grpo.transport.wire_columns import (
-    CODE_COLUMNS, FLOAT_COLUMNS, INDEX_COLUMNS, INT_COLUMNS, column_bytes, column_views,
+    CODE_COLUMNS, FLOAT_COLUMNS, INDEX_COLUMNS, INT_COLUMNS, column_bytes, column_struct, column_views,
 )
 from async_grpo.transport.trajectory import FINISH_REASONS, Trajectory
 from async_grpo.transport.trajectory_batch import TrajectoryBatch
@@ -274,3 +275,102 @@ def test_decode_rejects_message_over_the_byte_limit_before_parsing():
     assert len(decode(frames, size)) == 1
     with pytest.raises(MalformedMessage, match=f"message bytes = {size}: expected at most max_message_bytes={size - 1}"):
         decode(frames, size - 1)
+
+
+def test_column_struct_reads_a_block_as_its_columns_in_block_order():
+    rng = random.Random(6)
+    for count, prompts in ((1, 1), (3, 2), (8, 1), (32, 32)):
+        data = np.frombuffer(rng.randbytes(column_bytes(count, prompts)), np.uint8)
+        floats, ints, index, codes = column_views(data, count, prompts)
+        values = column_struct(count, prompts).unpack(data)
+        assert np.array_equal(values[: 2 * count], floats.ravel(), equal_nan=True)  # random bytes may be NaNs
+        assert values[2 * count : 6 * count] == tuple(ints.ravel().tolist())
+        assert values[6 * count : 9 * count + prompts] == tuple(index.tolist())
+        assert values[9 * count + prompts :] == tuple(codes.tolist())
+
+
+def mutated(frames: list[bytes], rng: random.Random) -> list[bytes]:
+    """The message with one random change: a byte of a frame, or one entry of a column set to an edge value."""
+    kind = rng.randrange(4)
+    if kind == 0:  # anywhere: header, tokens or logprobs
+        index = rng.randrange(3)
+        frame = bytearray(frames[index])
+        if frame:
+            frame[rng.randrange(len(frame))] ^= 1 << rng.randrange(8)
+        return [*frames[:index], bytes(frame), *frames[index + 1 :]]
+    header = msgpack.unpackb(frames[0])
+    count, prompts = header["count"], header["prompts"]
+    if kind == 1:  # a byte of the column block
+        data = bytearray(header["column_data"])
+        data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        header["column_data"] = bytes(data)
+        return [msgpack.packb(header), *frames[1:]]
+    if kind == 2:  # a header field
+        key = rng.choice(["count", "prompts", "tensors", "extras"])
+        header[key] = rng.choice([
+            0, count - 1, count + 1, prompts + 1, -1, 2**40, 1.0, "x", [], [{}], [{"m": math.inf}],
+            [["token_ids", "int32", [count]], ["behaviour_logprobs", "float32", [1]]],
+        ])
+        return [msgpack.packb(header), *frames[1:]]
+    name = rng.choice(FLOAT_COLUMNS + INT_COLUMNS + INDEX_COLUMNS + CODE_COLUMNS)
+    rows = prompts if name == "prompt_lens" else count
+    if name in FLOAT_COLUMNS:
+        value = rng.choice([math.nan, math.inf, -math.inf, 1e308, -0.0])
+    elif name in CODE_COLUMNS:
+        value = rng.choice([0, len(FINISH_REASONS) - 1, len(FINISH_REASONS), 255])
+    else:
+        value = rng.choice([-1, 0, 1, count, prompts, 2**31 - 1, -(2**31)])
+    return with_column(frames, name, rng.randrange(rows), value)
+
+
+def same_batch(a: TrajectoryBatch, b: TrajectoryBatch) -> bool:
+    return (torch.equal(a.token_ids, b.token_ids) and torch.equal(a.behaviour_logprobs, b.behaviour_logprobs)
+            and all(np.array_equal(getattr(a, n), getattr(b, n), equal_nan=True) for n in FLOAT_COLUMNS)
+            and all(np.array_equal(getattr(a, n), getattr(b, n)) for n in
+                    ("group_id", "sample_index", "policy_version", "worker_id", "completion_lens", "prompt_lens",
+                     "prompt_index", "extra_index", "finish_code"))
+            and a.extras == b.extras and len(a) == len(b))
+
+
+def shortcut(frames: list) -> TrajectoryBatch | None:
+    """What decode's shortcut checks make of a message (None: left to the full checks)."""
+    try:
+        return codec._accept_small(frames, codec._parse_header(frames, LIMIT))
+    except Exception:
+        return None
+
+
+def test_small_message_shortcut_accepts_exactly_what_the_full_checks_accept():
+    """A message of at most SMALL_MESSAGE trajectories is checked by `_accept_small` first: whatever it
+    accepts, the full checks accept with the same contents, and it accepts every well-formed message
+    except one whose float columns overflow a sum (left to the full checks, which accept it)."""
+    rng = random.Random(7)
+    torch.manual_seed(7)
+    accepted_mutants = 0
+    for _ in range(150):
+        count = rng.choice([1, 2, 3, 8, SMALL_MESSAGE, SMALL_MESSAGE + 1])
+        shared = torch.randint(0, 9, (rng.randint(0, 5),), dtype=torch.int32)
+        group = [random_trajectory(rng, shared if rng.random() < 0.7 else None) for _ in range(count)]
+        frames = [bytes(memoryview(f).cast("B")) for f in encode(group)]
+        assert (shortcut(frames) is not None) == (count <= SMALL_MESSAGE)
+        for message in [frames] + [mutated(frames, rng) for _ in range(12)]:
+            try:
+                full = codec._decode(message, LIMIT)
+            except Exception:
+                full = None
+            fast = shortcut(message)
+            if fast is not None:
+                assert full is not None and same_batch(fast, full)
+                accepted_mutants += message is not frames
+            elif full is not None and len(full) <= SMALL_MESSAGE:
+                assert not math.isfinite(sum(full.reward.tolist() + full.advantage.tolist()))
+    assert accepted_mutants > 50  # the shortcut is exercised on changed but still valid messages too
+
+
+def test_decode_takes_the_full_checks_for_floats_whose_sum_overflows():
+    rng = random.Random(8)
+    group = [random_trajectory(rng) for _ in range(2)]
+    group[0].reward, group[1].reward = 1e308, 1e308  # every value finite, their sum is not
+    frames = encode(group)
+    assert shortcut(frames) is None
+    assert decode(frames, LIMIT).reward.tolist() == [1e308, 1e308]

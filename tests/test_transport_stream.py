@@ -102,6 +102,31 @@ def test_queue_is_bounded_in_trajectories_and_splits_a_message_to_fill_it():
         assert receiver.counters().dropped_full == 0
 
 
+def test_single_trajectory_messages_read_in_bursts_keep_order_and_a_small_queue_bound():
+    cfg = TransportConfig(queue_size=5)
+    with TrajectoryReceiver(cfg) as receiver, TrajectoryStream(receiver.endpoint, cfg) as stream:
+        for i in range(60):  # far more than the queue holds: they wait in ZeroMQ, read a room's worth at a time
+            assert stream.push(make_traj(i), timeout=10)
+        wait_for(lambda: receiver.depth == 5)
+        time.sleep(0.2)
+        assert receiver.depth == 5
+        got = receiver.get_batch(60, timeout=10)
+        assert [t.reward for t in got] == [float(i) for i in range(60)]
+        counters = receiver.counters()
+        assert (counters.received, counters.accepted, counters.dropped_full, counters.delivered) == (60, 60, 0, 60)
+
+
+def test_drop_mode_receiver_sheds_a_burst_of_small_messages_past_the_queue_room():
+    cfg = TransportConfig(queue_size=8, on_full="drop")
+    with TrajectoryReceiver(cfg) as receiver, TrajectoryStream(receiver.endpoint, TransportConfig()) as stream:
+        for i in range(50):
+            assert stream.push(make_traj(i), timeout=10)
+        wait_for(lambda: receiver.counters().received == 50)
+        counters = receiver.counters()
+        assert (receiver.depth, counters.accepted, counters.dropped_full) == (8, 50, 42)
+        assert [t.reward for t in receiver.get_batch(50, timeout=0.2)] == [float(i) for i in range(8)]
+
+
 def malformed_messages(rng: random.Random) -> list[list[bytes]]:
     """One of each kind of bad message, with random variations."""
     good = [bytes(memoryview(f).cast("B")) for f in encode(make_traj(7))]

@@ -22,10 +22,17 @@ to name the culprit of a rejected message. Declared sizes are checked against th
 and `max_message_bytes` before any allocation. A schema-1 message (or any other version) is refused as
 `UnsupportedSchema`, which the receiver counts apart.
 
+A message of at most SMALL_MESSAGE trajectories (a worker streaming samples one by one) is first put
+through `_accept_small`: the same checks as conjunctions that only say yes or no, with the column block
+read as one struct record and the tensor table compared whole, since there a numpy call per column costs
+more than the data. Anything it does not accept goes through the full checks, which name the fault (or
+accept a message that only its shortcuts passed over, such as a column sum that overflows a float). The
+header is parsed once for both.
+
 `decode` returns a `TrajectoryBatch`: columns over the received frames (a zmq.Frame stays alive as long
-as a tensor made from it), no per-trajectory object. `encode` takes a TrajectoryBatch (sent as it is
-when packed, as a worker's group and a decoded message are) or any sequence of objects with the
-`Trajectory` attributes.
+as an array or tensor made from it), no per-trajectory object; its tensors are made from the frames'
+arrays when first read. `encode` takes a TrajectoryBatch (sent as it is when packed, as a worker's
+group and a decoded message are) or any sequence of objects with the `Trajectory` attributes.
 """
 
 from __future__ import annotations
@@ -43,8 +50,8 @@ import zmq
 from async_grpo.transport.trajectory import FINISH_REASONS, Trajectory
 from async_grpo.transport.trajectory_batch import FINISH_CODES, TrajectoryBatch
 from async_grpo.transport.wire_columns import (
-    CODE_COLUMNS, COLUMNS, FLOAT_COLUMNS, INDEX_COLUMNS, INT_COLUMNS, column_bytes, column_views, pack_columns,
-    prompts_in,
+    CODE_COLUMNS, COLUMNS, FLOAT_COLUMNS, INDEX_COLUMNS, INT_COLUMNS, column_bytes, column_struct, column_views,
+    pack_columns, prompts_in,
 )
 
 SCHEMA_VERSION = 2
@@ -58,6 +65,7 @@ HEADER_KEYS = frozenset({"schema", "count", "prompts", "tensors", "columns", "co
 MAX_TRAJECTORIES_PER_MESSAGE = 65536
 MAX_EXTRA_KEYS = 64
 MAX_EXTRA_KEY_CHARS = 128
+SMALL_MESSAGE = 32  # trajectories: up to here (about) the struct-record checks beat numpy's per-call cost
 # Frames carry the host's native order; the schema says little-endian, so a big-endian host is refused.
 if sys.byteorder != "little":
     raise ImportError(f"trajectory codec: host byte order {sys.byteorder!r}, expected 'little' (the wire format)")
@@ -73,6 +81,8 @@ _extra_of = attrgetter("extra")
 _numel = torch.Tensor.numel
 _NUM_FINISH = len(FINISH_REASONS)
 _TENSOR_NAMES = [[name, dtype_name] for name, dtype_name, _ in TENSOR_FIELDS]
+_TOKENS_NAME, _LOGPROBS_NAME = _TENSOR_NAMES
+_Frame = zmq.Frame
 # The ufuncs' own reductions: the ndarray methods add a Python-level wrapper per call.
 _min, _max, _sum = np.minimum.reduce, np.maximum.reduce, np.add.reduce
 _max_at, _sum_at = np.maximum.reduceat, np.add.reduceat
@@ -86,16 +96,19 @@ class UnsupportedSchema(MalformedMessage):
     """A message of another schema version (an older or newer worker): counted apart, then dropped."""
 
 
-def _header(count: int, num_prompts: int, flat: Sequence[torch.Tensor], column_data: Any, extras: list) -> bytes:
-    return msgpack.packb({
+def _frames(count: int, num_prompts: int, token_arr: np.ndarray, logprob_arr: np.ndarray, column_data: Any,
+            extras: list) -> list[Any]:
+    """The header (bytes) and the two tensor frames."""
+    header = msgpack.packb({
         "schema": SCHEMA_VERSION,
         "count": count,
         "prompts": num_prompts,
-        "tensors": [[name, dtype_name, [_numel(t)]] for (name, dtype_name, _), t in zip(TENSOR_FIELDS, flat)],
+        "tensors": [[*_TOKENS_NAME, [token_arr.size]], [*_LOGPROBS_NAME, [logprob_arr.size]]],
         "columns": COLUMN_LAYOUT,
         "column_data": column_data,
         "extras": extras,
     }, use_bin_type=True)
+    return [header, token_arr, logprob_arr]
 
 
 def encode(items: TrajectoryBatch | Trajectory | Sequence[Any]) -> list[Any]:
@@ -123,7 +136,7 @@ def encode(items: TrajectoryBatch | Trajectory | Sequence[Any]) -> list[Any]:
     completions = list(map(_completion_of, trajs))
     logprobs = list(map(_logprobs_of, trajs))
     tokens = torch.cat([*prompts, *completions])  # [sum P + sum C]
-    flat = (tokens, logprobs[0] if count == 1 else torch.cat(logprobs))  # [sum C] logprobs
+    flat_logprobs = logprobs[0] if count == 1 else torch.cat(logprobs)  # [sum C]
     # Maps by identity (a worker hands a group one map); every empty map is one entry (key 0: no id is 0).
     all_extras = list(map(_extra_of, trajs))
     extra_slot: dict[int, int] = {}
@@ -133,7 +146,7 @@ def encode(items: TrajectoryBatch | Trajectory | Sequence[Any]) -> list[Any]:
     data = pack_columns(  # [61 K + 4 P]
         reward, advantage, group, sample, version, worker, list(map(_numel, completions)),
         list(map(_numel, prompts)), prompt_index, extra_index, [FINISH_CODES[r] for r in reasons])
-    return [_header(count, len(prompts), flat, data.data, extras), *(t.numpy() for t in flat)]
+    return _frames(count, len(prompts), tokens.numpy(), flat_logprobs.numpy(), data.data, extras)
 
 
 def _encode_packed(batch: TrajectoryBatch) -> list[Any]:
@@ -141,9 +154,9 @@ def _encode_packed(batch: TrajectoryBatch) -> list[Any]:
     data = batch.wire_columns
     if type(data) is np.ndarray:  # a worker's block, packed at build: msgpack takes its buffer
         data = data.data
-    flat = (batch.token_ids, batch.behaviour_logprobs)
-    num_prompts = prompts_in(memoryview(data).nbytes, len(batch))
-    return [_header(len(batch), num_prompts, flat, data, batch.extras), *(t.numpy() for t in flat)]
+    nbytes = len(data) if type(data) is bytes else memoryview(data).nbytes  # bytes: a decoded message's block
+    count = len(batch)
+    return _frames(count, prompts_in(nbytes, count), *batch.frame_arrays(), data, batch.extras)
 
 
 def encoded_nbytes(traj: Any) -> int:
@@ -215,9 +228,11 @@ def _frame_nbytes(frame: Any) -> int:
 def _frame_array(frame: Any, dtype: np.dtype, numel: int) -> np.ndarray:
     """[numel] array over the frame's bytes: a view of a writable frame (a received zmq.Frame keeps
     its message alive through it), a copy of a read-only one, so tensors made from it are writable."""
+    if type(frame) is _Frame and numel:  # what the receiver hands over: checked first
+        return np.frombuffer(frame, dtype)
     if numel == 0:  # frombuffer refuses an empty buffer
         return np.empty(0, dtype=dtype)
-    if type(frame) is not zmq.Frame and memoryview(frame).readonly:
+    if type(frame) is not _Frame and memoryview(frame).readonly:
         return np.frombuffer(bytearray(frame), dtype=dtype)
     return np.frombuffer(frame, dtype=dtype)
 
@@ -228,24 +243,89 @@ def decode(frames: Sequence[Any], max_message_bytes: int) -> TrajectoryBatch:
     Tensors are views of writable frames (zmq.Frame, bytearray, arrays): the caller must not reuse
     that memory. Read-only frames (bytes) are copied.
     """
+    header = None
     try:
-        return _decode(frames, max_message_bytes)
+        header = _parse_header(frames, max_message_bytes)
+        batch = _accept_small(frames, header)
+    except Exception:  # something off the common path: the full checks below name it
+        batch = None
+    if batch is not None:
+        return batch
+    try:
+        return _decode(frames, max_message_bytes, header)
     except MalformedMessage:
         raise
     except Exception as err:  # a check this module did not foresee still must not stop the receiver
         raise MalformedMessage(f"message failed validation ({type(err).__name__}: {err})") from None
 
 
-def _decode(frames: Sequence[Any], max_message_bytes: int) -> TrajectoryBatch:
+def _parse_header(frames: Sequence[Any], max_message_bytes: int) -> Any:
+    """The parsed header of a message of three frames within the byte limit; None for any other message
+    (raises on a header that is not msgpack). Parsed once: the full checks reuse it."""
+    header_frame, tokens, logprobs = frames  # not three frames: ValueError, and `_decode` says so
+    if _frame_nbytes(header_frame) + _frame_nbytes(tokens) + _frame_nbytes(logprobs) > max_message_bytes:
+        return None
+    return msgpack.unpackb(header_frame, raw=False, strict_map_key=True, use_list=True)
+
+
+def _accept_small(frames: Sequence[Any], header: Any) -> TrajectoryBatch | None:
+    """The batch of a well-formed message of at most SMALL_MESSAGE trajectories, else None.
+
+    Every check of `_decode` is here, each as a condition at least as strict (nothing is accepted that
+    `_decode` refuses); None, or any exception, sends the message to `_decode`. The tensor table is
+    compared whole; the column block is unpacked as one struct record and checked with builtins over
+    its slices, the float columns' finiteness through one Python sum (a sum that overflows is left to
+    `_decode`); the logprobs' through numpy's NaN-propagating minimum and maximum, which raise no
+    floating-point flags (so no errstate). Columns and tensors are left for the batch to make when
+    first read.
+    """
+    if type(header) is not dict or header.keys() != HEADER_KEYS:  # None: not three frames within the limit
+        return None
+    schema, k, p, tensors = header["schema"], header["count"], header["prompts"], header["tensors"]
+    if (type(schema) is not int or schema != SCHEMA_VERSION or type(k) is not int or not 1 <= k <= SMALL_MESSAGE
+            or type(p) is not int or not 1 <= p <= k):
+        return None
+    # Shapes within the limit follow from the frames' byte lengths (4 bytes an int32 or a float32).
+    _, tokens, logprobs = frames
+    num_tokens, num_logprobs = tensors[0][2][0], tensors[1][2][0]
+    if (type(num_tokens) is not int or type(num_logprobs) is not int
+            or tensors != [[*_TOKENS_NAME, [num_tokens]], [*_LOGPROBS_NAME, [num_logprobs]]]
+            or _frame_nbytes(tokens) != 4 * num_tokens or _frame_nbytes(logprobs) != 4 * num_logprobs):
+        return None
+    data, extras = header["column_data"], header["extras"]
+    if header["columns"] != COLUMN_LAYOUT or type(data) is not bytes or len(data) != column_bytes(k, p):
+        return None
+    _check_extras(extras, k)
+    # Block order (wire_columns.py): floats [2K], ints [4K], completion_lens [K], prompt_lens [P],
+    # prompt_index [K], extra_index [K], finish codes [K]. The ints and the lengths are >= 0 together.
+    values = column_struct(k, p).unpack(data)
+    completion_total = sum(values[6 * k : 7 * k])
+    if (not math.isfinite(sum(values[: 2 * k])) or min(values[2 * k : 9 * k + p]) < 0
+            or max(values[7 * k + p : 8 * k + p]) >= p or max(values[8 * k + p : 9 * k + p]) >= len(extras)
+            or max(values[9 * k + p :]) >= _NUM_FINISH or completion_total != num_logprobs
+            or sum(values[7 * k : 7 * k + p]) + completion_total != num_tokens):
+        return None
+    token_arr = _frame_array(tokens, _INT32, num_tokens)  # [sum P + sum C]
+    logprob_arr = _frame_array(logprobs, _FLOAT32, num_logprobs)  # [sum C]
+    if num_tokens and _min(token_arr) < 0:
+        return None
+    if num_logprobs and not (math.isfinite(_min(logprob_arr)) and math.isfinite(_max(logprob_arr))):
+        return None
+    return TrajectoryBatch.from_columns(token_arr, logprob_arr, data, k, extras)
+
+
+def _decode(frames: Sequence[Any], max_message_bytes: int, header: Any = None) -> TrajectoryBatch:
+    """Every check, naming the first that fails; `header`: the header frame already parsed, if it was."""
     if not frames:
         raise MalformedMessage("empty message: expected a header frame and tensor frames")
     sizes = list(map(_frame_nbytes, frames))
     if sum(sizes) > max_message_bytes:
         raise _fail("message bytes", sum(sizes), f"at most max_message_bytes={max_message_bytes}")
-    try:
-        header = msgpack.unpackb(frames[0], raw=False, strict_map_key=True, use_list=True)
-    except Exception as err:  # msgpack raises several types for garbage; all mean the same here
-        raise MalformedMessage(f"header frame is not valid msgpack ({type(err).__name__}: {err})") from None
+    if header is None:
+        try:
+            header = msgpack.unpackb(frames[0], raw=False, strict_map_key=True, use_list=True)
+        except Exception as err:  # msgpack raises several types for garbage; all mean the same here
+            raise MalformedMessage(f"header frame is not valid msgpack ({type(err).__name__}: {err})") from None
     if type(header) is dict and "schema" in header and (type(header["schema"]) is not int
                                                         or header["schema"] != SCHEMA_VERSION):
         raise UnsupportedSchema(
@@ -315,5 +395,4 @@ def _decode(frames: Sequence[Any], max_message_bytes: int) -> TrajectoryBatch:
         finite = np.isfinite(logprob_arr)
         if not finite.all():
             raise _fail("behaviour_logprobs value", float(logprob_arr[~finite][0]), "finite logprobs")
-    return TrajectoryBatch.from_columns(
-        torch.from_numpy(token_arr), torch.from_numpy(logprob_arr), data, count, extras, (floats, ints, index, codes))
+    return TrajectoryBatch.from_columns(token_arr, logprob_arr, data, count, extras, (floats, ints, index, codes))

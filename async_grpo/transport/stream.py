@@ -10,7 +10,8 @@ closed learner is noticed) or drops the message and counts it (`on_full="drop"`)
 (codec.decode) and puts each message on a bounded queue as one columnar `TrajectoryBatch`: nothing
 per trajectory is built in that thread. The thread waits inside a blocking receive with a short
 timeout (not a poll call per message), and the decoded tensors are views of the received frames, so
-a message costs one receive, one decode and one queue hand-off. The learner takes columns
+a message costs one receive and one decode; messages that were already waiting behind it are read
+without blocking and share one queue hand-off and one counters update. The learner takes columns
 (`take_batches`) or lazy per-trajectory views (`get_batch`, `get`). A malformed message is counted as
 rejected and dropped, never raised (a message of another schema version is also counted apart). When
 the queue (bounded in trajectories) is full the thread either stops reading ("block": the socket's
@@ -42,11 +43,14 @@ log = logging.getLogger(__name__)
 
 _POLL_MS = 100  # how often blocked loops look at their deadline and stop flag
 _HEADER_ALLOWANCE = 0.9  # share of max_message_mb given to tensor bytes when splitting a push
+# Most messages, and trajectories, the receiving thread reads without waiting before it queues them:
+# enough to pay the queue's lock once for many small messages, few enough to hand big ones over soon.
+_BURST_MESSAGES = 64
+_BURST_ROWS = 256
 _COPY_BELOW = zmq.COPY_THRESHOLD  # bytes under which a frame is copied rather than sent zero-copy
 _prompt_of = attrgetter("prompt_ids")
 _completion_of = attrgetter("completion_ids")
 _numel = torch.Tensor.numel
-_nbytes_of = attrgetter("nbytes")
 # Plain ints: combining zmq's flag enums costs about a microsecond per send.
 _SEND_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 _SEND_LAST = int(zmq.NOBLOCK)
@@ -123,6 +127,9 @@ class TrajectoryStream:
 
     def fits_one_message(self, batch: TrajectoryBatch) -> bool:
         """Whether `push(batch)` sends one message (so a failed push sent nothing of it)."""
+        if batch.packed:  # its two frames: prompts and completions, then a logprob per completion token
+            tokens, logprobs = batch.frame_arrays()
+            return 4 * (tokens.size + logprobs.size) <= self._max_payload
         return 4 * (batch.prompt_ids.numel() + 2 * batch.completion_ids.numel()) <= self._max_payload
 
     def _batch_chunks(self, batch: TrajectoryBatch) -> list:
@@ -155,45 +162,58 @@ class TrajectoryStream:
 
     def _send(self, chunk: TrajectoryBatch | list, deadline: float | None, timeout: float | None) -> bool:
         frames = encode(chunk)
+        try:
+            self._send_frames(frames)
+        except zmq.Again:  # the send queue is full: waiting (and its clock) starts only here
+            if not self._send_when_room(frames, len(chunk), deadline, timeout):
+                return False
+        header, tokens, logprobs = frames
+        counters = self.counters
+        counters.sent += len(chunk)
+        counters.messages += 1
+        counters.bytes += len(header) + tokens.nbytes + logprobs.nbytes
+        return True
+
+    def _send_when_room(self, frames: list, count: int, deadline: float | None, timeout: float | None) -> bool:
+        """Drop the message (False, counted) with on_full="drop"; else wait for room in short polls (counted
+        as blocked), raising PushTimeout past the deadline, and send it."""
+        if self.on_full == "drop":
+            self.counters.dropped += count
+            return False
         started = time.monotonic()
         try:
             while True:
+                wait_ms = _POLL_MS
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise PushTimeout(
+                            f"push to {self.endpoint} found no room for {timeout} s "
+                            f"(send_hwm full or learner not connected)"
+                        ) from None
+                    wait_ms = max(1, min(_POLL_MS, int(left * 1000)))
+                self._socket.poll(wait_ms, zmq.POLLOUT)
                 try:
                     self._send_frames(frames)
-                    break
+                    return True
                 except zmq.Again:
-                    if self.on_full == "drop":
-                        self.counters.dropped += len(chunk)
-                        return False
-                    wait_ms = _POLL_MS
-                    if deadline is not None:
-                        left = deadline - time.monotonic()
-                        if left <= 0:
-                            raise PushTimeout(
-                                f"push to {self.endpoint} found no room for {timeout} s "
-                                f"(send_hwm full or learner not connected)"
-                            ) from None
-                        wait_ms = max(1, min(_POLL_MS, int(left * 1000)))
-                    self._socket.poll(wait_ms, zmq.POLLOUT)
+                    continue
         finally:
             self.counters.blocked_s += time.monotonic() - started
-        self.counters.sent += len(chunk)
-        self.counters.messages += 1
-        self.counters.bytes += len(frames[0]) + sum(map(_nbytes_of, frames[1:]))  # header bytes + arrays
-        return True
 
     def _send_frames(self, frames: list) -> None:
-        """One multipart message, without waiting (zmq.Again when the send queue is full).
+        """One multipart message (codec.encode's header bytes and two arrays), without waiting (zmq.Again
+        when the send queue is full).
 
         Large frames go without a copy; small ones are copied into ZeroMQ's message directly, which is
         what pyzmq would do with them anyway, minus the Frame object it builds first. ZeroMQ checks the
         high-water mark on the first part only, and rolls back the parts sent when a later one fails.
         """
         send = self._socket.send
-        send(frames[0], _SEND_MORE, copy=len(frames[0]) < _COPY_BELOW)  # the header: bytes
-        for frame in frames[1:-1]:
-            send(frame, _SEND_MORE, copy=frame.nbytes < _COPY_BELOW)
-        send(frames[-1], _SEND_LAST, copy=frames[-1].nbytes < _COPY_BELOW)
+        header, tokens, logprobs = frames
+        send(header, _SEND_MORE, copy=len(header) < _COPY_BELOW)
+        send(tokens, _SEND_MORE, copy=tokens.nbytes < _COPY_BELOW)
+        send(logprobs, _SEND_LAST, copy=logprobs.nbytes < _COPY_BELOW)
 
     def close(self) -> None:
         """Close the socket (waiting at most the linger time for queued messages)."""
@@ -254,7 +274,7 @@ class TrajectoryReceiver:
 
     def get(self, timeout: float | None = None) -> TrajectoryView | None:
         """The next trajectory, or None when none arrived within `timeout` seconds (None: wait forever)."""
-        batches = self._take(1, timeout, wait_for_all=False)
+        batches, _ = self._take(1, timeout, wait_for_all=False)
         return batches[0].view(0) if batches else None
 
     def get_batch(self, n: int, timeout: float) -> list[TrajectoryView]:
@@ -267,25 +287,24 @@ class TrajectoryReceiver:
         if n < 1:
             raise ValueError(f"take_batches(n={n}): expected n >= 1")
         deadline = time.monotonic() + timeout
-        batches = self._take(n, timeout, wait_for_all=True)
-        got = sum(map(len, batches))
+        batches, got = self._take(n, timeout, wait_for_all=True)
         # A queue smaller than n hands the trajectories over in several takes.
         while got < n and time.monotonic() < deadline:
-            more = self._take(n - got, deadline - time.monotonic(), wait_for_all=True)
+            more, rows = self._take(n - got, deadline - time.monotonic(), wait_for_all=True)
             if not more:
                 break
             batches.extend(more)
-            got += sum(map(len, more))
+            got += rows
         return batches
 
-    def _take(self, n: int, timeout: float | None, wait_for_all: bool) -> list[TrajectoryBatch]:
-        batches = self._queue.take(n, timeout, wait_for_all)
+    def _take(self, n: int, timeout: float | None, wait_for_all: bool) -> tuple[list[TrajectoryBatch], int]:
+        batches, rows = self._queue.take(n, timeout, wait_for_all)
         if batches:
             with self._lock:
-                self._counters.delivered += sum(map(len, batches))
+                self._counters.delivered += rows
         else:
             self._raise_if_dead()
-        return batches
+        return batches, rows
 
     def _raise_if_dead(self) -> None:
         if self._error is not None:
@@ -294,36 +313,54 @@ class TrajectoryReceiver:
     def _run(self) -> None:
         # A blocking receive that gives up every _POLL_MS to look at the stop flag: no poll call per message.
         self._socket.rcvtimeo = _POLL_MS
+        recv = self._socket.recv
         try:
             while not self._stop.is_set():
                 try:
-                    frame = self._socket.recv(copy=False)
+                    frame = recv(copy=False)
                 except zmq.Again:
                     continue
-                frames = [frame]
-                while frame.more:  # the rest of a multipart message is already there: ZeroMQ delivers it whole
-                    frame = self._socket.recv(copy=False)
-                    frames.append(frame)
-                if not self._handle(frames):
+                # Messages already waiting behind this one are read without blocking and queued together,
+                # so a stream of small messages pays the queue's lock and the counters once per burst. A
+                # burst also stops at the queue's free room (it only grows meanwhile), so "block" still
+                # stops reading when the queue is full and nothing more is held than the queue would hold.
+                room = min(self._queue.capacity - len(self._queue), _BURST_ROWS)
+                batches: list[TrajectoryBatch] = []
+                rows = messages = 0
+                while True:
+                    frames = [frame]
+                    while frame.more:  # the rest of a multipart message is there: ZeroMQ delivers it whole
+                        frame = recv(copy=False)
+                        frames.append(frame)
+                    messages += 1
+                    try:
+                        batch = decode(frames, self.max_message_bytes)
+                    except MalformedMessage as err:
+                        self._reject(err)
+                    else:
+                        batches.append(batch)
+                        rows += len(batch)
+                    if rows >= room or messages == _BURST_MESSAGES:
+                        break
+                    try:
+                        frame = recv(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                if batches and not self._handle(batches, rows):
                     return
         except BaseException as err:  # kept for get() to raise: a dead receiver must not look idle
             self._error = err
         finally:
             self._socket.close(linger=0)
 
-    def _handle(self, frames: list[zmq.Frame]) -> bool:
-        """Decode one message and queue it whole; False when stopped while waiting for room."""
-        try:
-            batch = decode(frames, self.max_message_bytes)
-        except MalformedMessage as err:
-            self._reject(err)
-            return True
+    def _handle(self, batches: list[TrajectoryBatch], rows: int) -> bool:
+        """Queue decoded messages (`rows` trajectories in all) whole; False when stopped while waiting for room."""
         with self._lock:
-            self._counters.received += 1
-            self._counters.accepted += len(batch)
+            self._counters.received += len(batches)
+            self._counters.accepted += rows
         if self.on_full == "block":
-            return self._queue.put_all(batch, self._stop.is_set)  # meanwhile the socket is not read
-        shed = self._queue.put_available(batch)
+            return self._queue.put_all(batches, self._stop.is_set)  # meanwhile the socket is not read
+        shed = self._queue.put_available(batches)
         if shed:
             with self._lock:
                 self._counters.dropped_full += shed

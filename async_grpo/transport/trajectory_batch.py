@@ -12,7 +12,10 @@ Rows may be any subset of the tensors (after `select`): starts are absolute offs
 tensors, so cutting never moves token data. A `packed` batch (a decoded message, a worker's group)
 holds exactly its rows' data in order: it keeps its scalars in the wire's column block
 (wire_columns.py), reads its columns as views of that block when first asked, and is sent as it is.
-Its columns are to be read, not written: the block is what gets sent.
+Its columns are to be read, not written: the block is what gets sent. A decoded message also keeps
+its two tensor frames as numpy arrays: its tensors are made from them when first read (one object
+fewer per frame for the receiving thread to build and for the garbage collector to track while it
+waits in the queue), and a re-encode sends the arrays as they are.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ _ROW_COLUMNS = (
 )
 _SHARED = ("prompt_ids", "prompt_lens", "completion_ids", "behaviour_logprobs", "extras", "_prompt_views")
 _DERIVED = frozenset(_ROW_COLUMNS) | {"prompt_ids", "completion_ids", "prompt_lens", "_prompt_views"}
+_TENSORS = frozenset({"token_ids", "behaviour_logprobs"})  # made from `_arrays` when first read
 
 
 class TrajectoryBatch:
@@ -43,21 +47,25 @@ class TrajectoryBatch:
     __slots__ = (
         "token_ids", "prompt_ids", "_prompt_starts", "prompt_lens", "completion_ids", "behaviour_logprobs",
         "_completion_starts", *_ROW_COLUMNS, "extras", "packed", "wire_columns", "_prompt_views", "_count",
-        "_blocks",
+        "_blocks", "_arrays",
     )
 
     @classmethod
     def from_columns(
-        cls, token_ids: torch.Tensor, behaviour_logprobs: torch.Tensor, wire_columns: Any, count: int,
-        extras: list[dict[str, float]], blocks: tuple | None = None,
+        cls, token_ids: torch.Tensor | np.ndarray, behaviour_logprobs: torch.Tensor | np.ndarray, wire_columns: Any,
+        count: int, extras: list[dict[str, float]], blocks: tuple | None = None,
     ) -> "TrajectoryBatch":
         """A packed batch: `token_ids` [sum of prompt lengths + sum of completion lengths] int32 (the
         distinct prompts, then the completions), `behaviour_logprobs` [sum of completion lengths] fp32, and
         a column block (wire_columns.py) of `count` rows with its blocks' views if already made. The named
         columns and the prompt/completion views are made when first read, so a receiving thread does not
-        pay for them."""
+        pay for them; so are the two tensors when given as numpy arrays (a decoded message's frames)."""
         batch = cls.__new__(cls)
-        batch.token_ids, batch.behaviour_logprobs = token_ids, behaviour_logprobs
+        if type(token_ids) is np.ndarray:
+            batch._arrays = (token_ids, behaviour_logprobs)
+        else:
+            batch.token_ids, batch.behaviour_logprobs = token_ids, behaviour_logprobs
+            batch._arrays = None
         batch.extras, batch.packed, batch.wire_columns = extras, True, wire_columns
         batch._count = count
         batch._blocks = blocks
@@ -65,7 +73,12 @@ class TrajectoryBatch:
         return batch
 
     def __getattr__(self, name: str):
-        # Reached only for a slot never set: what a packed batch derives from its block, on first read.
+        # Reached only for a slot never set: what a packed batch derives from its arrays and its block,
+        # on first read.
+        if name in _TENSORS and object.__getattribute__(self, "_arrays") is not None:
+            tokens, logprobs = self._arrays
+            self.token_ids, self.behaviour_logprobs = torch.from_numpy(tokens), torch.from_numpy(logprobs)
+            return object.__getattribute__(self, name)
         data = object.__getattribute__(self, "wire_columns")
         if data is None or name not in _DERIVED:
             raise AttributeError(f"'TrajectoryBatch' object has no attribute {name!r}")
@@ -171,7 +184,7 @@ class TrajectoryBatch:
         for name in _SHARED:
             setattr(out, name, getattr(self, name))
         out.packed = False
-        out.token_ids = out.wire_columns = out._blocks = None
+        out.token_ids = out.wire_columns = out._blocks = out._arrays = None
         out._count = len(out.reward)
         return out
 
@@ -187,11 +200,19 @@ class TrajectoryBatch:
             self._prompt_starts = np.cumsum(self.prompt_lens, dtype=np.int64) - self.prompt_lens
         return self._prompt_starts
 
+    def frame_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """A packed batch's tokens and logprobs as numpy arrays (views, no copy): its two tensor frames."""
+        if self._arrays is None:  # kept: a push sizes the batch, then encodes it
+            self._arrays = (self.token_ids.numpy(), self.behaviour_logprobs.numpy())
+        return self._arrays
+
     def view(self, row: int) -> "TrajectoryView":
         return TrajectoryView(self, row)
 
     def views(self) -> list["TrajectoryView"]:
         """One lazy view per row, in order."""
+        if self._count == 1:  # a trajectory streamed on its own: a third of the comprehension's cost
+            return [TrajectoryView(self, 0)]
         return [TrajectoryView(self, row) for row in range(self._count)]
 
     def prompt_tensor(self, index: int) -> torch.Tensor:

@@ -9,11 +9,14 @@ For K trajectories over P distinct prompts, little-endian, in this order (61 K +
 
 Wider types first, so every block starts aligned. The codec checks it (codec.py), a `TrajectoryBatch`
 reads its columns as views of it, and a worker's batch is built straight into it, so a message's
-scalars are packed once and sent as they are.
+scalars are packed once and sent as they are. A small block is also readable as one `struct` record
+(`column_struct`): a few dozen Python numbers cost less to check than one numpy call per block.
 """
 
 from __future__ import annotations
 
+import struct
+from functools import lru_cache
 from typing import Any, Sequence
 
 import numpy as np
@@ -39,6 +42,12 @@ def column_bytes(count: int, num_prompts: int) -> int:
 def prompts_in(nbytes: int, count: int) -> int:
     """P of a block of `nbytes` bytes holding `count` rows."""
     return (nbytes - BYTES_PER_ROW * count) // BYTES_PER_PROMPT
+
+
+@lru_cache(maxsize=1024)  # one per (count, prompts) seen: the codec asks for small counts only, so a few hundred
+def column_struct(count: int, num_prompts: int) -> struct.Struct:
+    """The block as one record: unpack() gives 2K floats, 4K ints, K + P + 2K ints, K ints, in block order."""
+    return struct.Struct(f"<{2 * count}d{4 * count}q{3 * count + num_prompts}i{count}B")
 
 
 def column_views(data: Any, count: int, num_prompts: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
