@@ -155,11 +155,15 @@ class Learner:
             if not hasattr(model, "gradient_checkpointing"):
                 raise ValueError("learner.gradient_checkpointing = true but the model has no gradient_checkpointing flag")
             model.gradient_checkpointing = True
+        # Rows per fused lm_head chunk, for the policy and the reference alike (None: no lm_head to fuse).
+        head = getattr(model, "lm_head", None)
+        self.logprob_chunk_rows = (chunk_rows_for(head.weight.shape[0], lcfg.logprob_chunk_mb)
+                                   if head is not None else None)
         # The reference is the policy's initial weights, copied before DeepSpeed partitions them.
         self.reference: ReferencePolicy | None = None
         if lcfg.loss.kl_beta > 0:
             self.reference = ReferencePolicy(model, lcfg.loss.reference_device, self.device, lcfg.zero_stage,
-                                             self.mpu, self.temperature)
+                                             self.mpu, self.temperature, chunk_rows=self.logprob_chunk_rows)
         self.fused_logprobs = fused_logprobs_enabled(lcfg.fused_logprobs, lcfg.zero_stage, model)
         self.compiled = compile_enabled(lcfg.compile, self.device, lcfg.zero_stage)
         if self.compiled:
@@ -167,8 +171,7 @@ class Learner:
             compile_decoder_layers(model)
         self.chunk_kernels = ChunkKernels(compiled=self.compiled and self.device.type == "cuda")
         if self.reference is not None:
-            self.reference.speed_up(compile_decoder_layers if self.compiled else None, self.chunk_kernels,
-                                    lcfg.logprob_chunk_mb)
+            self.reference.speed_up(compile_decoder_layers if self.compiled else None, self.chunk_kernels)
         model = model.to(self.device)
         optimizer = build_optimizer(model, lcfg, self.device)
         decay_steps = lcfg.decay_steps or cfg.trainer.max_steps
@@ -255,10 +258,8 @@ class Learner:
         """This micro-batch's forward: (logprobs with gradient, entropy without), each fp32 [B, S]."""
         if self.fused_logprobs:
             hidden = self.engine(input_ids, hidden_only=True)  # [B, S, H]
-            weight = self.module.lm_head.weight
-            chunk_rows = chunk_rows_for(weight.shape[0], self.cfg.learner.logprob_chunk_mb)
-            return masked_token_logprobs(hidden, weight, targets, mask, self.temperature, chunk_rows=chunk_rows,
-                                         kernels=self.chunk_kernels)
+            return masked_token_logprobs(hidden, self.module.lm_head.weight, targets, mask, self.temperature,
+                                         chunk_rows=self.logprob_chunk_rows, kernels=self.chunk_kernels)
         logits = self.engine(input_ids)  # [B, S, V]
         logprobs = token_logprobs(logits, targets, self.temperature)  # [B, S]
         with torch.no_grad():

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from async_grpo.model.fused_logprobs import EAGER, ChunkKernels, chunk_rows_for, masked_token_logprobs
+from async_grpo.model.fused_logprobs import EAGER, ChunkKernels, masked_token_logprobs
 from async_grpo.model.logprobs import token_logprobs
 
 
@@ -27,7 +27,7 @@ class ReferencePolicy:
     """Log-probabilities of the targets under the frozen initial policy."""
 
     def __init__(self, policy: nn.Module, placement: str, device: torch.device, zero_stage: int,
-                 mpu: Any | None, temperature: float):
+                 mpu: Any | None, temperature: float, chunk_rows: int | None = None):
         if placement not in ("same", "cpu"):
             raise ValueError(f"loss.reference_device = {placement!r}: expected 'same' or 'cpu'")
         frozen = copy.deepcopy(policy).eval()
@@ -51,19 +51,16 @@ class ReferencePolicy:
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
             self.module = frozen.to(device=self.device, dtype=dtype)
         self.kernels: ChunkKernels = EAGER
-        self.chunk_rows: int | None = None
+        self.chunk_rows = chunk_rows  # rows per fused lm_head chunk; None: the module's default
 
-    def speed_up(self, compile_layers: Callable[[nn.Module], None] | None, kernels: ChunkKernels,
-                 chunk_mb: int) -> None:
-        """Run like the policy (an unsharded CUDA copy only): `compile_layers(module)` if given, the
-        policy's logprob chunk kernels and chunk size."""
+    def speed_up(self, compile_layers: Callable[[nn.Module], None] | None, kernels: ChunkKernels) -> None:
+        """Run like the policy (an unsharded CUDA copy only): `compile_layers(module)` if given, and the
+        policy's logprob chunk kernels."""
         if self.sharded or self.device.type != "cuda":
             return
         if compile_layers is not None:
             compile_layers(self.module)
         self.kernels = kernels
-        if hasattr(self.module, "lm_head"):
-            self.chunk_rows = chunk_rows_for(self.module.lm_head.weight.shape[0], chunk_mb)
 
     @torch.no_grad()
     def logprobs(self, input_ids: torch.Tensor, targets: torch.Tensor,
