@@ -157,13 +157,20 @@ def run_shared_prefix(prompt: int, G: int, sweep: bool) -> list[dict]:
         def shared():
             return shared_prefix_decode_attention(q, kc, vc, ptab, plens, layout, stab, slens, scale, **v)
 
+        def serial():  # the same kernels, the suffix pass launched only after the prefix pass has ended
+            return shared_prefix_decode_attention(q, kc, vc, ptab, plens, layout, stab, slens, scale,
+                                                  overlap_passes=False, **v)
+
         err_shared = (shared().float() - ref.float()).abs().max().item()
         t_shared, t_shared_eager = bench_graph_ms(shared), bench_ms(shared)
+        t_serial = bench_graph_ms(serial)
         rows.append(dict(case="shared_prefix", prompt=prompt, G=G, own=OWN_TOKENS, **v, shared_ms=t_shared,
+                         serial_launch_ms=t_serial,
                          plain_ms=t_plain, torch_ms=t_ref, shared_eager_ms=t_shared_eager, plain_eager_ms=t_plain_eager,
                          shared_vs_plain=t_shared / t_plain, shared_vs_torch=t_shared / t_ref,
                          max_err_shared=err_shared, max_err_plain=err_plain))
-        print(f"shared  prompt {prompt:5d} G {G:2d} {v or 'auto'}: shared {t_shared * 1e3:6.1f} us | plain "
+        print(f"shared  prompt {prompt:5d} G {G:2d} {v or 'auto'}: shared {t_shared * 1e3:6.1f} us (serial launch "
+              f"{t_serial * 1e3:6.1f}) | plain "
               f"{t_plain * 1e3:6.1f} us | torch gather {t_ref * 1e3:7.1f} us | shared/plain {t_shared / t_plain:5.3f} | "
               f"shared/torch {t_shared / t_ref:6.4f} | eager shared {t_shared_eager * 1e3:6.1f} plain "
               f"{t_plain_eager * 1e3:6.1f} us | max err {err_shared:.2e} / {err_plain:.2e}", flush=True)
@@ -197,17 +204,18 @@ def tune_shared_prefix(prompt: int, G: int) -> list[dict]:
         return bench_graph_ms(step)
 
     whole = timed({})
+    serial = timed(dict(overlap_passes=False), check=False)
     prefix_only = timed({}, s_lens=torch.zeros_like(slens), check=False)
     suffix_only = timed({}, p_lens=torch.zeros_like(plens), check=False)
     print(f"tune prompt {prompt} G {G}: plain {t_plain * 1e3:.1f} us | shared {whole * 1e3:.1f} us "
-          f"(ratio {whole / t_plain:.3f}) | prefix pass + empty suffix {prefix_only * 1e3:.1f} us | suffix pass + "
-          f"empty prefix {suffix_only * 1e3:.1f} us", flush=True)
-    rows = [dict(case="tune", prompt=prompt, G=G, plain_ms=t_plain, shared_ms=whole, prefix_only_ms=prefix_only,
-                 suffix_only_ms=suffix_only)]
-    # Warps and pipeline stages beyond these moved nothing by more than 2% on an H200.
-    prefix_grid = [dict(prefix_block_n=b, prefix_splits=sp, max_tile_rows=r, prefix_num_warps=w, prefix_prefetch=pf)
-                   for b, splits in ((64, (8, 16, 32)), (128, (4, 8, 16))) for sp in splits for r in (64, 128)
-                   for w in (4, 8) for pf in (False, True)]
+          f"(ratio {whole / t_plain:.3f}; serial launch {serial * 1e3:.1f} us) | prefix pass + empty suffix "
+          f"{prefix_only * 1e3:.1f} us | suffix pass + empty prefix {suffix_only * 1e3:.1f} us", flush=True)
+    rows = [dict(case="tune", prompt=prompt, G=G, plain_ms=t_plain, shared_ms=whole, serial_launch_ms=serial,
+                 prefix_only_ms=prefix_only, suffix_only_ms=suffix_only)]
+    # Splits None: one wave (choose_prefix_splits); warps None: prefix_launch_shape's warps and register cap.
+    # Pipeline stages, plain 8 warps and loops without prefetching were slower on an H200.
+    prefix_grid = [dict(prefix_block_n=b, prefix_splits=sp, max_tile_rows=r, prefix_num_warps=w)
+                   for b in (64, 128) for sp in (None, 4, 8, 16) for r in (64, 128) for w in (None, 4)]
     results = []
     for options in prefix_grid:
         try:
@@ -218,8 +226,8 @@ def tune_shared_prefix(prompt: int, G: int) -> list[dict]:
     for ms, options in results[:6]:
         print(f"  prefix grid {ms * 1e3:6.1f} us ratio {ms / t_plain:.3f} {options}", flush=True)
     best_prefix = results[0][1]
-    suffix_grid = [dict(best_prefix, block_n=b, suffix_num_warps=w, partial_dtype=dt)
-                   for b in (64, 128) for w in (2, 4) for dt in (torch.float32, torch.bfloat16)]
+    suffix_grid = [dict(best_prefix, block_n=b, suffix_num_warps=w, suffix_num_stages=st, partial_dtype=dt)
+                   for b in (64, 128) for w in (2, 4) for st in (1, 2) for dt in (torch.float32, torch.bfloat16)]
 
     results = []
     for options in suffix_grid:

@@ -134,14 +134,17 @@ def test_prefix_groups_and_suffix_tables_equal_a_hand_computation():
         batch.refresh_prefix_groups(5, max_group_rows=1)
 
 
-def test_prefix_splits_fill_the_gpu_with_the_busy_groups_only():
-    # 512 rows of groups of 16, 14 query / 2 KV heads: 112 rows fit one 128-row tile, 32 busy groups x 2 KV
-    # heads = 64 programs; choose_num_splits wants ceil(264 / 64) = 5 splits (a 1k prefix allows 4 by length).
-    assert shared_prefix_splits(512, 16, 14, 2, 32768, num_sms=132) == 5
-    assert shared_prefix_splits(512, 16, 14, 2, 1024, num_sms=132) == 4
+def test_prefix_splits_fit_the_busy_groups_in_one_wave():
+    # 512 rows of groups of 16, 14 query / 2 KV heads: 112 rows fit one 128-row tile (2 programs per SM), 32
+    # busy groups x 2 KV heads = 64 programs; one wave of 132 x 2 = 264 slots holds 4 splits (not ceil = 5).
+    assert shared_prefix_splits(512, 16, 14, 2, 32768, num_sms=132) == 4
+    assert shared_prefix_splits(512, 16, 14, 2, 512, num_sms=132) == 2  # 512 prefix tokens allow 2 by length
+    # The bench's prompt-4k cases: G 16 -> 264 // 32 = 8 splits; G 8 (56 rows, 64-row tiles, 3 per SM) -> 396 // 64 = 6.
+    assert shared_prefix_splits(256, 16, 14, 2, 4096, num_sms=132) == 8
+    assert shared_prefix_splits(256, 8, 14, 2, 4096, num_sms=132) == 6
     # 20 samples x 7 heads = 140 rows: two tiles per group; 26 busy groups x 2 tiles x 2 heads = 104 programs.
-    assert shared_prefix_splits(512, 20, 14, 2, 32768, num_sms=132) == 3
-    assert shared_prefix_splits(4096, 2, 2, 2, 32768, num_sms=132) == 1
+    assert shared_prefix_splits(512, 20, 14, 2, 32768, num_sms=132) == 2
+    assert shared_prefix_splits(4096, 2, 2, 2, 32768, num_sms=132) == 1  # more programs than slots: no split
 
 
 def test_shared_prefix_setting_resolves_against_the_backend():

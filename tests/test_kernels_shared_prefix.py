@@ -238,3 +238,33 @@ def test_cascade_long_prompts_bf16_on_gpu(gqa, G):
     tables, lens = case.full_tables()
     ref = reference_attention(case.q, case.k_cache, case.v_cache, tables, lens, 0.125)
     torch.testing.assert_close(out.cpu().double(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_programmatic_launch_is_only_used_where_it_exists():
+    from async_grpo.kv.triton_paged import programmatic_launch_available
+
+    assert not programmatic_launch_available(torch.device("cpu"))
+    if DEVICE == "cuda":  # a compiled kernel on Hopper or later; never under the interpreter
+        import os
+
+        expected = torch.cuda.get_device_capability()[0] >= 9 and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+        assert programmatic_launch_available(torch.device("cuda", torch.cuda.current_device())) == expected
+
+
+@gpu
+@pytest.mark.gpu
+def test_overlapped_suffix_pass_gives_the_serial_result_bit_for_bit():
+    # The suffix kernel launched while the prefix kernel still runs (programmatic dependent launch) must
+    # wait for every prefix partial before merging: same inputs, same kernels, so the same bits. Many
+    # groups with long prompts and short suffixes make the suffix programs reach their merge early.
+    live = [16] * 24 + [9, 1]
+    seq_group = [g for g, n in enumerate(live) for _ in range(n)]
+    g = torch.Generator().manual_seed(3)
+    suffix_lens = torch.randint(1, 40, (len(seq_group),), generator=g).tolist()
+    case = CascadeCase([256] * 24 + [64, 8], seq_group, suffix_lens, 14, 2, 64, 16, torch.bfloat16, seed=3)
+    serial, lse_serial = shared_prefix_decode_attention(case.q, case.k_cache, case.v_cache, *case.tensors(), 0.125,
+                                                        overlap_passes=False, return_lse=True)
+    for _ in range(20):  # a missing wait shows as a race, so run it several times
+        out, lse = shared_prefix_decode_attention(case.q, case.k_cache, case.v_cache, *case.tensors(), 0.125,
+                                                  overlap_passes=True, return_lse=True)
+        assert torch.equal(out, serial) and torch.equal(lse, lse_serial)

@@ -124,16 +124,15 @@ def shared_prefix_splits(
 
     The kernel runs programs for every group slot, a bound fixed per graph bucket, but the rows
     usually fill about num_rows / max_group_rows groups; the other slots exit at once. Splits are
-    chosen to fill the GPU with the busy ones, as `choose_num_splits` would for that many groups.
+    chosen to fit the busy ones in one wave, as `choose_prefix_splits` would for that many groups.
     """
-    from async_grpo.kv.shared_prefix import MAX_TILE_ROWS
-    from async_grpo.kv.triton_paged import choose_num_splits
+    from async_grpo.kv.shared_prefix import choose_prefix_splits, prefix_tile_rows
 
     rows_per_group = max_group_rows * (num_q_heads // num_kv_heads)
-    tile = min(MAX_TILE_ROWS, max(16, 1 << (rows_per_group - 1).bit_length()))
+    tile = prefix_tile_rows(rows_per_group)
     row_tiles = -(-rows_per_group // tile)
     busy_groups = -(-num_rows // max_group_rows)
-    return choose_num_splits(busy_groups * row_tiles * num_kv_heads, max_prefix_tokens, num_sms)
+    return choose_prefix_splits(busy_groups * row_tiles * num_kv_heads, tile, max_prefix_tokens, num_sms)
 
 
 class TritonDecodeAttention:

@@ -13,6 +13,11 @@ the two disjoint token sets and merges them exactly:
 3. an exact log-sum-exp merge of all partials: done by the suffix kernel itself when each sample's
    own tokens are one split (the usual case), else by `merge_attention_partials`.
 
+In the usual case the suffix kernel is launched as the prefix kernel's programmatic dependent (Hopper
+and later): its programs start as soon as prefix programs leave room, attend their own tokens, and
+wait for the whole prefix kernel (`gdc_wait`) only before reading its partials, so the second launch's
+start-up and the prefix kernel's last programs overlap instead of adding up.
+
 The engine passes only live sequences, so a group may have any number of live samples from 1 to G
 (or none, then its programs exit at once); `seq_group` says which group each live sequence is in,
 and a `GroupLayout` built from it once per step serves every layer.
@@ -26,11 +31,14 @@ from typing import Sequence
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
 from async_grpo.kv.triton_paged import (
     DEFAULT_BLOCK_N,
     DEFAULT_SM_COUNT,
     LOG2E,
+    MAX_SPLITS,
+    MIN_TOKENS_PER_SPLIT,
     dot_precision,
     upcast_dots,
     attend_token_range,
@@ -38,21 +46,68 @@ from async_grpo.kv.triton_paged import (
     check_table,
     choose_num_splits,
     finish_partial,
+    launch_options,
     launch_paged_splits,
     load_kv_tile,
     merge_attention_partials,
     online_softmax_tile,
+    programmatic_launch_available,
     sm_count,
     split_range,
 )
 
 # 128 rows hold G=16 samples x 7-8 query heads per KV head (Qwen2-0.5B: 14 q / 2 kv heads) in one tile.
 MAX_TILE_ROWS = 128
-# Prompt tokens per tile of the prefix kernel, and its warps: on an H200 at prompt
-# 4k, G 16, a grid over tiles (64, 128), splits (4-32), row tiles (64, 128), warps (4, 8) and prefetching
-# put 64 / auto (8 busy splits) / 128 / 4 / prefetching first: 38.9 us, against 41.3 without prefetching.
+# Prompt tokens per tile of the prefix kernel: on an H200 at prompt 4k, G 16, a grid over tiles (64, 128),
+# splits (4-32), row tiles (64, 128), warps (4, 8) and prefetching put 64 / 8 splits / 128 rows / prefetching
+# first: 38.9 us, against 41.3 without prefetching.
 PREFIX_BLOCK_N = 64
-PREFIX_NUM_WARPS = 4
+# Stages of the suffix pass's loads: with one, its programs take 22 KB of shared memory instead of 39 KB and
+# more of them share an SM with the prefix programs (prompt 4k, G 16: 35.6 against 37.0 us; 1k: 21.0 against 22.1).
+SUFFIX_NUM_STAGES = 1
+
+
+def prefix_launch_shape(tile_rows: int) -> tuple[int, int | None]:
+    """(warps, register cap per thread) of a prefix program for `tile_rows`-row tiles.
+
+    A 128-row program holds a [128, 64] fp32 accumulator and score tile: with 4 warps that is 239
+    registers a thread, two programs (8 warps) per SM, and the warps mostly wait on each other's
+    dependency chains. 8 warps capped at 120 registers (2 spills) keep two programs, now 16 warps, per
+    SM (H200, prompt 4k G 16: 35.0 against 35.6 us; 1k G 16: 19.7 against 21.0). Smaller tiles already
+    fit three programs of 4 warps; 8 warps made them slower (4k G 8: 53.8 against 39.9 us).
+    """
+    return (8, 120) if tile_rows >= 128 else (4, None)
+
+
+def prefix_programs_per_sm(tile_rows: int) -> int:
+    """How many prefix programs of a row tile fit on one SM at once: their registers are the limit.
+
+    Measured on an H200 (bf16, prefetching loop, `prefix_launch_shape`): a 128-row program's accumulator,
+    scores and two K/V tiles in flight fill half the register file (4 warps x 239 registers, or 8 x 120);
+    a 64-row program (4 x 163) fits three.
+    """
+    return 2 if tile_rows >= 128 else 3 if tile_rows >= 64 else 4
+
+
+def choose_prefix_splits(programs: int, tile_rows: int, max_prefix_tokens: int, num_sms: int) -> int:
+    """Splits of each group's prefix so that all prefix programs run in one wave.
+
+    `programs` is the count without splitting (busy groups x row tiles x KV heads). Unlike the plain
+    kernel's `choose_num_splits`, this rounds down: a second, partial wave of these long programs costs
+    more than the parallelism it adds (prompt 4k, G 16 on an H200: 8 splits 37.0 us, 9 splits 38.0 us;
+    G 8, 64-row tiles: 6 splits 41.3 us, 8 splits 48.8 us). A split still gets at least
+    MIN_TOKENS_PER_SPLIT tokens.
+    """
+    if programs < 1:
+        raise ValueError(f"programs = {programs}: expected at least 1")
+    by_wave = num_sms * prefix_programs_per_sm(tile_rows) // programs
+    by_length = triton.cdiv(max_prefix_tokens, MIN_TOKENS_PER_SPLIT)
+    return max(1, min(by_wave, by_length, MAX_SPLITS))
+
+
+def prefix_tile_rows(rows_needed: int, max_tile_rows: int = MAX_TILE_ROWS) -> int:
+    """Rows of one prefix program's tile for groups of `rows_needed` rows (live samples x query heads per KV head)."""
+    return min(max_tile_rows, max(16, triton.next_power_of_2(rows_needed)))
 
 
 @triton.jit
@@ -120,7 +175,11 @@ def _shared_prefix_kernel(
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     PREFETCH: tl.constexpr,
+    LAUNCH_DEPENDENTS: tl.constexpr,
 ):
+    if LAUNCH_DEPENDENTS:
+        # The suffix kernel may start on whatever room this grid leaves; it waits for our partials itself.
+        gdc_launch_dependents()
     group = tl.program_id(0) // row_tiles
     tile = tl.program_id(0) % row_tiles
     kv_head = tl.program_id(1)
@@ -239,12 +298,15 @@ def shared_prefix_decode_attention(
     block_n: int = DEFAULT_BLOCK_N,
     prefix_block_n: int = PREFIX_BLOCK_N,
     max_tile_rows: int = MAX_TILE_ROWS,
-    prefix_num_warps: int = PREFIX_NUM_WARPS,
+    prefix_num_warps: int | None = None,
     prefix_num_stages: int = 2,
     suffix_num_warps: int = 4,
-    suffix_num_stages: int = 2,
+    suffix_num_stages: int = SUFFIX_NUM_STAGES,
     partial_dtype: torch.dtype = torch.float32,
     prefix_prefetch: bool = True,
+    overlap_passes: bool = True,
+    prefix_maxnreg: int | None = None,
+    suffix_maxnreg: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Decode attention of live sequences whose context is a group's shared prefix plus their own suffix.
 
@@ -255,9 +317,11 @@ def shared_prefix_decode_attention(
     prefix, the new token included). Returns out [B, Hq, D] (and the natural-log LSE fp32 [B, Hq] with
     return_lse), equal to paged attention over prefix + suffix. Splits default from the work against
     the SM count; with one suffix split the suffix kernel merges the prefix partials itself.
-    The keyword-only launch options (tile sizes, warps, stages, the dtype the prefix partials are
-    kept in between the kernels, prefix_prefetch: two K/V tiles in flight per prefix program) are
-    tuning knobs; the defaults are the fastest measured.
+    The keyword-only launch options (tile sizes, warps, stages, register caps, the dtype the prefix
+    partials are kept in between the kernels, prefix_prefetch: two K/V tiles in flight per prefix
+    program, overlap_passes: the suffix kernel as a programmatic dependent of the prefix kernel) are
+    tuning knobs; the defaults are the fastest measured. prefix_num_warps=None takes the warps and,
+    unless prefix_maxnreg is given, the register cap from `prefix_launch_shape`.
     """
     where = "shared_prefix_decode_attention"
     B, Hq, Hkv, D, page = check_paged_inputs(q, k_cache, v_cache, where)
@@ -289,17 +353,26 @@ def shared_prefix_decode_attention(
 
     gq = Hq // Hkv
     rows_needed = layout.max_live * gq
-    rows = min(max_tile_rows, max(16, triton.next_power_of_2(rows_needed)))
+    rows = prefix_tile_rows(rows_needed, max_tile_rows)
     row_tiles = triton.cdiv(rows_needed, rows)
     num_sms = sm_count(q.device.index) if q.device.type == "cuda" else DEFAULT_SM_COUNT
+    prefix_warps, prefix_cap = prefix_launch_shape(rows)
+    if prefix_num_warps is not None:  # an explicit launch shape: no register cap unless one is given too
+        prefix_warps, prefix_cap = prefix_num_warps, None
+    prefix_cap = prefix_maxnreg if prefix_maxnreg is not None else prefix_cap
     if prefix_splits is None:
-        prefix_splits = choose_num_splits(num_groups * row_tiles * Hkv, prefix_block_tables.shape[1] * page, num_sms)
+        prefix_splits = choose_prefix_splits(
+            num_groups * row_tiles * Hkv, rows, prefix_block_tables.shape[1] * page, num_sms
+        )
     if suffix_splits is None:
         suffix_splits = choose_num_splits(B * Hkv, suffix_block_tables.shape[1] * page, num_sms)
     if prefix_splits < 1 or suffix_splits < 1:
         raise ValueError(f"{where}: prefix_splits = {prefix_splits}, suffix_splits = {suffix_splits}: expected >= 1")
 
     # With one suffix split the suffix kernel folds the prefix partials in; else all partials share one buffer.
+    # It then starts as the prefix kernel's programmatic dependent, attending its own tokens on the room
+    # the prefix programs leave, and waits for the prefix partials only before merging them.
+    overlap = overlap_passes and suffix_splits == 1 and programmatic_launch_available(q.device)
     total_splits = prefix_splits + (suffix_splits if suffix_splits > 1 else 0)
     if suffix_splits > 1:
         partial_dtype = torch.float32  # the merge kernel reads fp32 partials
@@ -317,19 +390,20 @@ def shared_prefix_decode_attention(
         part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
         HEAD_DIM=D, GQ=gq, ROWS=rows, BLOCK_N=prefix_block_n, PAGE=page,
         BLOCK_D=max(16, triton.next_power_of_2(D)), DOT_PRECISION=dot_precision(q.dtype),
-        UPCAST=upcast_dots(q.dtype), PREFETCH=prefix_prefetch, num_stages=prefix_num_stages,
-        num_warps=prefix_num_warps,
+        UPCAST=upcast_dots(q.dtype), PREFETCH=prefix_prefetch, LAUNCH_DEPENDENTS=overlap,
+        num_stages=prefix_num_stages, num_warps=prefix_warps, **launch_options(maxnreg=prefix_cap),
     )
     if suffix_splits == 1:
         launch_paged_splits(
             q, k_cache, v_cache, suffix_block_tables, suffix_lens, scale, 1, out.unsqueeze(2), lse.unsqueeze(2),
             block_n=block_n, merge_from=(part_out, part_lse), num_warps=suffix_num_warps,
-            num_stages=suffix_num_stages,
+            num_stages=suffix_num_stages, overlap_prev=overlap, maxnreg=suffix_maxnreg,
         )
     else:
         launch_paged_splits(
             q, k_cache, v_cache, suffix_block_tables, suffix_lens, scale, suffix_splits, part_out, part_lse,
             split_offset=prefix_splits, block_n=block_n, num_warps=suffix_num_warps, num_stages=suffix_num_stages,
+            maxnreg=suffix_maxnreg,
         )
         merge_attention_partials(part_out, part_lse, out, lse)
     return (out, lse) if return_lse else out

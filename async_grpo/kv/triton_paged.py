@@ -29,6 +29,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 
 # Used when no CUDA device is there to ask (interpreter runs); the H200 has 132.
 DEFAULT_SM_COUNT = 132
@@ -50,6 +51,27 @@ def interpreting() -> bool:
 def triton_attention_available(device: torch.device | str) -> bool:
     """Whether these kernels can run on tensors of `device`: a CUDA device, or any device under the interpreter."""
     return torch.device(device).type == "cuda" or interpreting()
+
+
+@functools.lru_cache(maxsize=None)
+def programmatic_launch_available(device: torch.device) -> bool:
+    """Whether a kernel on `device` can start before the previous one ends (programmatic dependent launch).
+
+    Needs a compiled kernel (not the interpreter, which runs programs one by one) on compute capability 9.0+.
+    """
+    if interpreting() or device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def launch_options(programmatic: bool = False, maxnreg: int | None = None) -> dict:
+    """Optional Triton launch keywords: a programmatic dependent launch, a register cap per thread."""
+    options: dict = {}
+    if programmatic:
+        options["launch_pdl"] = True
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
+    return options
 
 
 @functools.lru_cache(maxsize=None)
@@ -232,6 +254,7 @@ def _paged_decode_split_kernel(
     UPCAST: tl.constexpr,
     MERGE_PREV: tl.constexpr,
     PREV_P2: tl.constexpr,
+    WAIT_PREV: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -260,6 +283,10 @@ def _paged_decode_split_kernel(
     if MERGE_PREV:
         # Fold in partials over other tokens (the shared prefix) here, saving a separate merge pass. All
         # of them load at once: a loop of dependent load-then-merge steps cost ~1 us of latency each.
+        if WAIT_PREV:
+            # Launched as a programmatic dependent of the kernel that writes the partials: everything
+            # above ran while that kernel was still finishing; its writes are visible after this wait.
+            gdc_wait()
         offs_p = tl.arange(0, PREV_P2)
         mask_p = mask_r[:, None] & (offs_p[None, :] < num_prev)  # [ROWS, PREV_P2]
         lse_p = tl.load(
@@ -399,12 +426,19 @@ def launch_paged_splits(
     merge_from: tuple[torch.Tensor, torch.Tensor] | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
+    overlap_prev: bool = False,
+    maxnreg: int | None = None,
 ) -> None:
     """Write each split's partial (out [B, Hq, S, D], lse [B, Hq, S]) at split index split_offset + s.
 
     merge_from=(prev_out [B, Hq, P, D], prev_lse [B, Hq, P]): partials over other tokens of the same
     sequences, merged into the result before it is written (only with num_splits == 1).
-    num_warps / num_stages: Triton launch options (tuning knobs for bench/attention.py's sweeps).
+    overlap_prev: the kernel that writes merge_from's partials was launched just before on this stream
+    and lets dependents start early (`gdc_launch_dependents`); this kernel is then launched as its
+    programmatic dependent (Hopper and later) and attends its own tokens while that one finishes,
+    waiting for it only before reading the partials. Ignored without merge_from and under the interpreter.
+    num_warps / num_stages / maxnreg (a cap on registers per thread, for more programs per SM): Triton
+    launch options (tuning knobs for bench/attention.py's sweeps).
     """
     B, Hq, D = q.shape
     _, page, Hkv, _ = k_cache.shape
@@ -414,6 +448,7 @@ def launch_paged_splits(
         raise ValueError(f"launch_paged_splits: merge_from needs num_splits == 1, got {num_splits}")
     prev_out, prev_lse = merge_from if merge_from is not None else (out, lse)
     num_prev = prev_out.shape[2] if merge_from is not None else 0
+    overlap = overlap_prev and merge_from is not None and programmatic_launch_available(q.device)
     gq = Hq // Hkv
     _paged_decode_split_kernel[(B, Hkv, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, lse, prev_out, prev_lse,
@@ -429,7 +464,7 @@ def launch_paged_splits(
         HEAD_DIM=D, GQ=gq, ROWS=max(16, triton.next_power_of_2(gq)), BLOCK_N=block_n, PAGE=page,
         BLOCK_D=max(16, triton.next_power_of_2(D)), DOT_PRECISION=dot_precision(q.dtype),
         UPCAST=upcast_dots(q.dtype), MERGE_PREV=merge_from is not None, PREV_P2=max(2, triton.next_power_of_2(num_prev)),
-        num_warps=num_warps, num_stages=num_stages,
+        WAIT_PREV=overlap, num_warps=num_warps, num_stages=num_stages, **launch_options(overlap, maxnreg),
     )
 
 
