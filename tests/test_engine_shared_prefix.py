@@ -15,6 +15,7 @@ pytest.importorskip("triton")
 
 from async_grpo.config import KVConfig, ModelConfig, SamplingConfig  # noqa: E402
 from async_grpo.kv.backend import shared_prefix_mode, shared_prefix_splits  # noqa: E402
+from async_grpo.kv.shared_prefix import prefix_tile_rows  # noqa: E402
 from async_grpo.kv.pool import KVPool  # noqa: E402
 from async_grpo.model import build_model  # noqa: E402
 from async_grpo.model.args import ModelArgs  # noqa: E402
@@ -145,6 +146,14 @@ def test_prefix_splits_fit_the_busy_groups_in_one_wave():
     # 20 samples x 7 heads = 140 rows: two tiles per group; 26 busy groups x 2 tiles x 2 heads = 104 programs.
     assert shared_prefix_splits(512, 20, 14, 2, 32768, num_sms=132) == 2
     assert shared_prefix_splits(4096, 2, 2, 2, 32768, num_sms=132) == 1  # more programs than slots: no split
+    # Groups of 4 (28 rows) still get 64-row tiles, 3 per SM: 64 busy groups x 2 heads = 128 programs -> 3 splits.
+    assert shared_prefix_splits(256, 4, 14, 2, 4096, num_sms=132) == 3
+
+
+def test_prefix_tiles_are_powers_of_two_between_the_bounds():
+    assert [prefix_tile_rows(n) for n in (1, 14, 28, 56, 64, 65, 112, 140)] == [64, 64, 64, 64, 64, 128, 128, 128]
+    assert prefix_tile_rows(28, min_tile_rows=16) == 32 and prefix_tile_rows(14, min_tile_rows=16) == 16
+    assert prefix_tile_rows(28, max_tile_rows=16) == 16  # the upper bound wins
 
 
 def test_shared_prefix_setting_resolves_against_the_backend():

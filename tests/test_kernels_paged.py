@@ -9,7 +9,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from async_grpo.kv.triton_paged import choose_num_splits, paged_decode_attention  # noqa: E402
+from async_grpo.kv import triton_paged  # noqa: E402
+from async_grpo.kv.triton_paged import choose_num_splits, offsets_fit_int32, paged_decode_attention  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -87,6 +88,32 @@ def test_paged_decode_bf16_matches_reference():
     ref_out, _ = reference_decode_attention(q, kc, vc, table, ctx, D**-0.5)
     # bf16 probabilities in the PV dot and a bf16 output: about 3 significant digits.
     torch.testing.assert_close(out.cpu().double(), ref_out, atol=2e-2, rtol=2e-2)
+
+
+def test_int32_offsets_only_where_every_cache_offset_fits():
+    # Shapes and strides only (meta tensors hold no memory): the last element's offset decides.
+    fits = torch.empty(2**31 // 4096, 16, 4, 64, device="meta")  # last offset 2^31 - 1
+    too_big = torch.empty(2**31 // 4096 + 1, 16, 4, 64, device="meta")
+    assert offsets_fit_int32(fits) and not offsets_fit_int32(too_big)
+    assert not offsets_fit_int32(fits, too_big)
+    # A strided view reaches past its element count: [:, ::2] of the big cache still spans it all.
+    assert not offsets_fit_int32(too_big[:, ::2])
+    assert offsets_fit_int32(torch.empty(0, 16, 4, 64, device="meta"))
+
+
+def test_paged_decode_int64_offsets_give_the_int32_result(monkeypatch):
+    # Caches past 2^31 elements index in int64; small ones in int32. Forced here: the same tiles, the same sums.
+    lens = [37, 5, 64, 18]
+    q, kc, vc, table, ctx = make_paged_case(len(lens), 4, 2, 16, 16, lens, torch.float32, seed=4)
+    out32, lse32 = paged_decode_attention(q, kc, vc, table, ctx, 0.25, num_splits=2, block_n=16, return_lse=True)
+    asked = []
+    monkeypatch.setattr(triton_paged, "offsets_fit_int32", lambda *tensors: asked.append(len(tensors)) or False)
+    out64, lse64 = paged_decode_attention(q, kc, vc, table, ctx, 0.25, num_splits=2, block_n=16, return_lse=True)
+    assert asked  # the launch asked, and got int64
+    torch.testing.assert_close(out64, out32, atol=0, rtol=0)
+    torch.testing.assert_close(lse64, lse32, atol=0, rtol=0)
+    ref_out, _ = reference_decode_attention(q, kc, vc, table, ctx, 0.25)
+    torch.testing.assert_close(out64.cpu().double(), ref_out, atol=2e-5, rtol=2e-5)
 
 
 def test_paged_decode_head_dim_not_power_of_two():

@@ -9,7 +9,12 @@ import torch
 
 pytest.importorskip("triton")
 
-from async_grpo.kv.shared_prefix import GroupLayout, shared_prefix_decode_attention  # noqa: E402
+from async_grpo.kv import shared_prefix, triton_paged  # noqa: E402
+from async_grpo.kv.shared_prefix import (  # noqa: E402
+    GroupLayout,
+    default_partial_dtype,
+    shared_prefix_decode_attention,
+)
 from async_grpo.kv.triton_kv_write import write_kv  # noqa: E402
 from async_grpo.kv.triton_paged import paged_decode_attention  # noqa: E402
 
@@ -130,6 +135,35 @@ def test_cascade_prefetching_prefix_loop_gives_the_same_sums(prefix_splits):
     torch.testing.assert_close(out_p.cpu().double(), ref, atol=2e-5, rtol=2e-5)
 
 
+def test_cascade_head_dim_not_power_of_two_and_partial_tiles():
+    # head_dim 24 pads to 32 columns (masked loads); 32-token prefix tiles over 48- and 80-token prefixes
+    # leave a partial last tile, and 3 splits leave a split empty; the prefetching loop clamps its loads.
+    seq_group = [0, 1, 1, 0, 1]
+    case = CascadeCase([3, 5], seq_group, [4, 20, 1, 31, 16], 6, 2, 24, 16, torch.float32, seed=13)
+    out = shared_prefix_decode_attention(case.q, case.k_cache, case.v_cache, *case.tensors(), 24**-0.5,
+                                         prefix_splits=3, block_n=32, prefix_block_n=32)
+    tables, lens = case.full_tables()
+    ref = reference_attention(case.q, case.k_cache, case.v_cache, tables, lens, 24**-0.5)
+    torch.testing.assert_close(out.cpu().double(), ref, atol=2e-5, rtol=2e-5)
+
+
+def test_cascade_int64_offsets_give_the_int32_result(monkeypatch):
+    seq_group = [1, 0, 1, 1, 0]
+    case = CascadeCase([5, 3], seq_group, [2, 19, 7, 33, 16], 4, 2, 16, 16, torch.float32, seed=12)
+    common = dict(prefix_splits=2, block_n=16, prefix_block_n=32, return_lse=True)
+    out32, lse32 = shared_prefix_decode_attention(case.q, case.k_cache, case.v_cache, *case.tensors(), 0.3, **common)
+    asked = []
+    for module in (shared_prefix, triton_paged):  # the prefix kernel's launch and the suffix pass's
+        monkeypatch.setattr(module, "offsets_fit_int32", lambda *tensors: asked.append(len(tensors)) or False)
+    out64, lse64 = shared_prefix_decode_attention(case.q, case.k_cache, case.v_cache, *case.tensors(), 0.3, **common)
+    assert len(asked) == 2
+    torch.testing.assert_close(out64, out32, atol=0, rtol=0)
+    torch.testing.assert_close(lse64, lse32, atol=0, rtol=0)
+    tables, lens = case.full_tables()
+    ref = reference_attention(case.q, case.k_cache, case.v_cache, tables, lens, 0.3)
+    torch.testing.assert_close(out64.cpu().double(), ref, atol=2e-5, rtol=2e-5)
+
+
 def test_cascade_equals_plain_paged_kernel_including_lse():
     seq_group = [0, 1, 1, 0, 1]
     case = CascadeCase([3, 2], seq_group, [4, 20, 1, 31, 16], 4, 2, 32, 16, torch.float32, seed=9)
@@ -207,6 +241,24 @@ def test_cascade_bf16_matches_reference():
     tables, lens = case.full_tables()
     ref = reference_attention(case.q, case.k_cache, case.v_cache, tables, lens, 0.25)
     torch.testing.assert_close(out.cpu().double(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_cascade_keeps_a_16_bit_models_prefix_partials_in_its_own_dtype():
+    assert default_partial_dtype(torch.bfloat16) == torch.bfloat16
+    assert default_partial_dtype(torch.float16) == torch.float16
+    assert default_partial_dtype(torch.float32) == torch.float32
+    seq_group = [1, 0, 1, 0]
+    case = CascadeCase([4, 3], seq_group, [5, 16, 30, 2], 4, 2, 16, 16, torch.bfloat16, seed=8)
+    common = dict(prefix_splits=3, block_n=16, prefix_block_n=16)
+    by_default = shared_prefix_decode_attention(case.q, case.k_cache, case.v_cache, *case.tensors(), 0.25, **common)
+    rounded = shared_prefix_decode_attention(case.q, case.k_cache, case.v_cache, *case.tensors(), 0.25,
+                                             partial_dtype=torch.bfloat16, **common)
+    wide = shared_prefix_decode_attention(case.q, case.k_cache, case.v_cache, *case.tensors(), 0.25,
+                                          partial_dtype=torch.float32, **common)
+    assert torch.equal(by_default, rounded) and not torch.equal(by_default, wide)
+    tables, lens = case.full_tables()
+    ref = reference_attention(case.q, case.k_cache, case.v_cache, tables, lens, 0.25)
+    torch.testing.assert_close(by_default.cpu().double(), ref, atol=2e-2, rtol=2e-2)
 
 
 def test_cascade_rejects_bad_group_vector():

@@ -48,16 +48,24 @@ from async_grpo.kv.triton_paged import (
     finish_partial,
     launch_options,
     launch_paged_splits,
+    load_kv_pages,
     load_kv_tile,
     merge_attention_partials,
+    offsets_fit_int32,
     online_softmax_tile,
     programmatic_launch_available,
     sm_count,
     split_range,
+    whole_tiles_end,
 )
 
 # 128 rows hold G=16 samples x 7-8 query heads per KV head (Qwen2-0.5B: 14 q / 2 kv heads) in one tile.
 MAX_TILE_ROWS = 128
+# Smaller groups still get 64-row tiles, one warpgroup's tensor-core tile: on an H200 at prompt 4k, G 4 (28 rows)
+# took 50.2 us in 64-row tiles against 75.7 in 32-row ones (1k: 25.6 against 33.3), and G 2 (14 rows) 92.6
+# against 122.3 in 16-row ones (1k: 35.9 against 43.7): the padding rows cost less than the small tiles'
+# registers and dots.
+MIN_TILE_ROWS = 64
 # Prompt tokens per tile of the prefix kernel: on an H200 at prompt 4k, G 16, a grid over tiles (64, 128),
 # splits (4-32), row tiles (64, 128), warps (4, 8) and prefetching put 64 / 8 splits / 128 rows / prefetching
 # first: 38.9 us, against 41.3 without prefetching.
@@ -82,11 +90,14 @@ def prefix_launch_shape(tile_rows: int) -> tuple[int, int | None]:
 def prefix_programs_per_sm(tile_rows: int) -> int:
     """How many prefix programs of a row tile fit on one SM at once: their registers are the limit.
 
-    Measured on an H200 (bf16, prefetching loop, `prefix_launch_shape`): a 128-row program's accumulator,
-    scores and two K/V tiles in flight fill half the register file (4 warps x 239 registers, or 8 x 120);
-    a 64-row program (4 x 163) fits three.
+    From the compiled kernels' register counts (bf16, prefetching loop, `prefix_launch_shape`, sm_90):
+    a 128-row program's accumulator, scores and two K/V tiles in flight fill half the register file
+    (8 warps x 120 registers); a 64-row program (4 x 160) fits three. Tiles below MIN_TILE_ROWS, only
+    on request: 32 rows take 4 x 194 (two fit), 16 rows 4 x 146 (three).
     """
-    return 2 if tile_rows >= 128 else 3 if tile_rows >= 64 else 4
+    if tile_rows >= 128:
+        return 2
+    return {64: 3, 32: 2}.get(tile_rows, 3)
 
 
 def choose_prefix_splits(programs: int, tile_rows: int, max_prefix_tokens: int, num_sms: int) -> int:
@@ -105,34 +116,74 @@ def choose_prefix_splits(programs: int, tile_rows: int, max_prefix_tokens: int, 
     return max(1, min(by_wave, by_length, MAX_SPLITS))
 
 
-def prefix_tile_rows(rows_needed: int, max_tile_rows: int = MAX_TILE_ROWS) -> int:
-    """Rows of one prefix program's tile for groups of `rows_needed` rows (live samples x query heads per KV head)."""
-    return min(max_tile_rows, max(16, triton.next_power_of_2(rows_needed)))
+def prefix_tile_rows(
+    rows_needed: int, max_tile_rows: int = MAX_TILE_ROWS, min_tile_rows: int = MIN_TILE_ROWS
+) -> int:
+    """Rows of one prefix program's tile for groups of `rows_needed` rows (live samples x query heads per KV head).
+
+    A power of two from min_tile_rows up to max_tile_rows (which wins if they disagree).
+    """
+    return min(max_tile_rows, max(min_tile_rows, triton.next_power_of_2(rows_needed)))
+
+
+def default_partial_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the prefix pass's normalised partial outputs are kept in between the two kernels.
+
+    A 16-bit model's partials are kept in its own dtype, like the output (the log-sum-exps stay fp32):
+    a normalised partial is a convex combination of V rows, so it cannot leave V's range, and its
+    rounding is the output's own (max error 9.8e-4 against 4.9e-4 with fp32 partials at prompt 4k,
+    bf16). They are half of the step's partial traffic: on an H200 at prompt 4k G 16, 29.7 against
+    31.3 us. fp32 inputs, the exactness reference, keep fp32 partials.
+    """
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
 
 
 @triton.jit
 def _attend_prefetching(q, k_cache, v_cache, table_ptr, start, end, kv_head, stride_kb, stride_kt, stride_kh,
                         stride_vb, stride_vt, stride_vh, qk_scale_log2, offs_d, mask_d, ROWS: tl.constexpr,
-                        BLOCK_N: tl.constexpr, PAGE: tl.constexpr, BLOCK_D: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """`attend_token_range` with the next tile's K/V loads issued before the current tile's maths.
+                        BLOCK_N: tl.constexpr, PAGE: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, OFFS_I32: tl.constexpr,
+                        TABLE_AHEAD: tl.constexpr):
+    """`attend_token_range` with loads issued ahead of the maths that uses them.
 
-    The block-table load and the K/V loads it feeds form a chain of two memory round trips per tile;
-    with few programs per SM (a 128-row tile holds many registers) nothing else hides them, so two
-    tiles are kept in flight per program instead of one.
+    With few programs per SM (a 128-row tile holds many registers) nothing else hides memory latency,
+    so each iteration issues the next tile's K/V loads before the current tile's maths. With
+    TABLE_AHEAD their block ids were read one iteration earlier still, so neither the table round
+    trip nor the K/V one is on the loop's path (H200, prompt 4k: G 16 33.4 -> 32.6 us, G 8 39.7 ->
+    38.5); it costs registers that small tiles need for their programs per SM, so they read the ids
+    in the iteration. Tokens past `end` are clamped to the last one, so the loop's loads are in range
+    without per-token masks; only a last partial tile masks its scores.
     """
     m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
     acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
-    k_next, v_next, valid_next = load_kv_tile(k_cache, v_cache, table_ptr, start, end, kv_head, stride_kb, stride_kt,
-                                               stride_kh, stride_vb, stride_vt, stride_vh, offs_n, offs_d, mask_d, PAGE)
-    for n0 in range(start, end, BLOCK_N):
-        k, v, valid = k_next, v_next, valid_next
-        k_next, v_next, valid_next = load_kv_tile(k_cache, v_cache, table_ptr, n0 + BLOCK_N, end, kv_head, stride_kb,
-                                                   stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, offs_n,
-                                                   offs_d, mask_d, PAGE)
-        acc, m_i, l_i = online_softmax_tile(q, k, v, valid, acc, m_i, l_i, qk_scale_log2, DOT_PRECISION, UPCAST)
+    last = tl.maximum(end - 1, 0)
+    full_end = whole_tiles_end(start, end, BLOCK_N)
+    # The first tile (and the second tile's block ids) are read masked, once a program: the range may
+    # be empty or shorter than a tile, and then nothing past it is read.
+    k_next, v_next, _ = load_kv_tile(k_cache, v_cache, table_ptr, start, end, kv_head, stride_kb, stride_kt,
+                                     stride_kh, stride_vb, stride_vt, stride_vh, offs_n, offs_d, mask_d, PAGE, OFFS_I32)
+    tok_next = tl.minimum(start + BLOCK_N + offs_n, last)
+    if TABLE_AHEAD:
+        blk_next = tl.load(table_ptr + tok_next // PAGE, mask=start + offs_n < end, other=0)
+    for n0 in range(start, full_end, BLOCK_N):
+        k, v = k_next, v_next
+        if TABLE_AHEAD:
+            blk = blk_next
+        else:
+            blk = tl.load(table_ptr + tok_next // PAGE)
+        k_next, v_next = load_kv_pages(k_cache, v_cache, blk, tok_next, kv_head, stride_kb, stride_kt, stride_kh,
+                                       stride_vb, stride_vt, stride_vh, offs_d, mask_d, PAGE, HEAD_DIM == BLOCK_D,
+                                       OFFS_I32)
+        tok_next = tl.minimum(n0 + 2 * BLOCK_N + offs_n, last)
+        if TABLE_AHEAD:
+            blk_next = tl.load(table_ptr + tok_next // PAGE)
+        acc, m_i, l_i = online_softmax_tile(q, k, v, offs_n, acc, m_i, l_i, qk_scale_log2, DOT_PRECISION, UPCAST,
+                                            False)
+    if full_end < end:
+        acc, m_i, l_i = online_softmax_tile(q, k_next, v_next, full_end + offs_n < end, acc, m_i, l_i, qk_scale_log2,
+                                            DOT_PRECISION, UPCAST, True)
     return acc, m_i, l_i
 
 
@@ -176,6 +227,7 @@ def _shared_prefix_kernel(
     UPCAST: tl.constexpr,
     PREFETCH: tl.constexpr,
     LAUNCH_DEPENDENTS: tl.constexpr,
+    OFFS_I32: tl.constexpr,
 ):
     if LAUNCH_DEPENDENTS:
         # The suffix kernel may start on whatever room this grid leaves; it waits for our partials itself.
@@ -206,14 +258,14 @@ def _shared_prefix_kernel(
         if PREFETCH:
             acc, m_i, l_i = _attend_prefetching(
                 q, k_cache, v_cache, table, start, end, kv_head, stride_kb, stride_kt, stride_kh, stride_vb,
-                stride_vt, stride_vh, qk_scale_log2, offs_d, mask_d, ROWS, BLOCK_N, PAGE, BLOCK_D, DOT_PRECISION,
-                UPCAST,
+                stride_vt, stride_vh, qk_scale_log2, offs_d, mask_d, ROWS, BLOCK_N, PAGE, BLOCK_D, HEAD_DIM,
+                DOT_PRECISION, UPCAST, OFFS_I32, ROWS >= 64,
             )
         else:
             acc, m_i, l_i = attend_token_range(
                 q, k_cache, v_cache, table, start, end, kv_head, stride_kb, stride_kt, stride_kh, stride_vb,
-                stride_vt, stride_vh, qk_scale_log2, offs_d, mask_d, ROWS, BLOCK_N, PAGE, BLOCK_D, DOT_PRECISION,
-                UPCAST,
+                stride_vt, stride_vh, qk_scale_log2, offs_d, mask_d, ROWS, BLOCK_N, PAGE, BLOCK_D, HEAD_DIM,
+                DOT_PRECISION, UPCAST, OFFS_I32,
             )
         out, lse = finish_partial(acc, m_i, l_i)
         tl.store(
@@ -298,11 +350,12 @@ def shared_prefix_decode_attention(
     block_n: int = DEFAULT_BLOCK_N,
     prefix_block_n: int = PREFIX_BLOCK_N,
     max_tile_rows: int = MAX_TILE_ROWS,
+    min_tile_rows: int = MIN_TILE_ROWS,
     prefix_num_warps: int | None = None,
     prefix_num_stages: int = 2,
     suffix_num_warps: int = 4,
     suffix_num_stages: int = SUFFIX_NUM_STAGES,
-    partial_dtype: torch.dtype = torch.float32,
+    partial_dtype: torch.dtype | None = None,
     prefix_prefetch: bool = True,
     overlap_passes: bool = True,
     prefix_maxnreg: int | None = None,
@@ -321,7 +374,8 @@ def shared_prefix_decode_attention(
     partials are kept in between the kernels, prefix_prefetch: two K/V tiles in flight per prefix
     program, overlap_passes: the suffix kernel as a programmatic dependent of the prefix kernel) are
     tuning knobs; the defaults are the fastest measured. prefix_num_warps=None takes the warps and,
-    unless prefix_maxnreg is given, the register cap from `prefix_launch_shape`.
+    unless prefix_maxnreg is given, the register cap from `prefix_launch_shape`. partial_dtype=None
+    keeps the prefix partials in `default_partial_dtype(q.dtype)`.
     """
     where = "shared_prefix_decode_attention"
     B, Hq, Hkv, D, page = check_paged_inputs(q, k_cache, v_cache, where)
@@ -332,7 +386,8 @@ def shared_prefix_decode_attention(
     num_groups = prefix_block_tables.shape[0]
     check_table(prefix_block_tables, prefix_lens, num_groups, "prefix", where)
     check_table(suffix_block_tables, suffix_lens, B, "suffix", where)
-    for name, value in (("block_n", block_n), ("prefix_block_n", prefix_block_n), ("max_tile_rows", max_tile_rows)):
+    for name, value in (("block_n", block_n), ("prefix_block_n", prefix_block_n), ("max_tile_rows", max_tile_rows),
+                        ("min_tile_rows", min_tile_rows)):
         if value < 16 or value & (value - 1):
             raise ValueError(f"{where}: {name} = {value}: expected a power of two >= 16")
     if isinstance(seq_group, torch.Tensor):
@@ -353,7 +408,7 @@ def shared_prefix_decode_attention(
 
     gq = Hq // Hkv
     rows_needed = layout.max_live * gq
-    rows = prefix_tile_rows(rows_needed, max_tile_rows)
+    rows = prefix_tile_rows(rows_needed, max_tile_rows, min_tile_rows)
     row_tiles = triton.cdiv(rows_needed, rows)
     num_sms = sm_count(q.device.index) if q.device.type == "cuda" else DEFAULT_SM_COUNT
     prefix_warps, prefix_cap = prefix_launch_shape(rows)
@@ -376,6 +431,8 @@ def shared_prefix_decode_attention(
     total_splits = prefix_splits + (suffix_splits if suffix_splits > 1 else 0)
     if suffix_splits > 1:
         partial_dtype = torch.float32  # the merge kernel reads fp32 partials
+    elif partial_dtype is None:
+        partial_dtype = default_partial_dtype(q.dtype)
     part_out = torch.empty(B, Hq, total_splits, D, device=q.device, dtype=partial_dtype)  # [B, Hq, Sp (+ Ss), D]
     part_lse = torch.empty(B, Hq, total_splits, device=q.device, dtype=torch.float32)  # [B, Hq, Sp (+ Ss)]
     _shared_prefix_kernel[(num_groups * row_tiles, Hkv, prefix_splits)](
@@ -391,6 +448,7 @@ def shared_prefix_decode_attention(
         HEAD_DIM=D, GQ=gq, ROWS=rows, BLOCK_N=prefix_block_n, PAGE=page,
         BLOCK_D=max(16, triton.next_power_of_2(D)), DOT_PRECISION=dot_precision(q.dtype),
         UPCAST=upcast_dots(q.dtype), PREFETCH=prefix_prefetch, LAUNCH_DEPENDENTS=overlap,
+        OFFS_I32=offsets_fit_int32(k_cache, v_cache),
         num_stages=prefix_num_stages, num_warps=prefix_warps, **launch_options(maxnreg=prefix_cap),
     )
     if suffix_splits == 1:

@@ -112,6 +112,11 @@ def upcast_dots(dtype: torch.dtype) -> bool:
     return interpreting() and dtype == torch.bfloat16
 
 
+def offsets_fit_int32(*tensors: torch.Tensor) -> bool:
+    """Whether every element offset of each tensor (from its strides) is below 2^31, so kernels may index in int32."""
+    return all(sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if n > 0) < 2**31 for t in tensors)
+
+
 @triton.jit
 def attend_token_range(
     q,  # [ROWS, BLOCK_D] query tile, already loaded
@@ -134,53 +139,109 @@ def attend_token_range(
     BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    OFFS_I32: tl.constexpr,
 ):
     """Online softmax of the query rows over tokens [start, end) of one paged sequence.
 
-    Returns (acc [ROWS, BLOCK_D] unnormalised output, m [ROWS] running max in log2 units,
-    l [ROWS] running sum of exp2(score - m)).
+    Whole tiles run without masks (no per-token bounds checks or score selects); a last partial tile,
+    if any, runs masked. Returns (acc [ROWS, BLOCK_D] unnormalised output, m [ROWS] running max in
+    log2 units, l [ROWS] running sum of exp2(score - m)).
     """
     m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
     acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
-    for n0 in range(start, end, BLOCK_N):
-        k, v, valid = load_kv_tile(k_cache, v_cache, table_ptr, n0, end, kv_head, stride_kb, stride_kt, stride_kh,
-                                   stride_vb, stride_vt, stride_vh, offs_n, offs_d, mask_d, PAGE)
-        acc, m_i, l_i = online_softmax_tile(q, k, v, valid, acc, m_i, l_i, qk_scale_log2, DOT_PRECISION, UPCAST)
+    full_end = whole_tiles_end(start, end, BLOCK_N)
+    for n0 in range(start, full_end, BLOCK_N):
+        tok = n0 + offs_n
+        # One block id per token: a tile spans several cache blocks; repeated ids hit L1.
+        blk = tl.load(table_ptr + tok // PAGE)
+        k, v = load_kv_pages(k_cache, v_cache, blk, tok, kv_head, stride_kb, stride_kt, stride_kh, stride_vb,
+                             stride_vt, stride_vh, offs_d, mask_d, PAGE, HEAD_DIM == BLOCK_D, OFFS_I32)
+        acc, m_i, l_i = online_softmax_tile(q, k, v, offs_n, acc, m_i, l_i, qk_scale_log2, DOT_PRECISION, UPCAST,
+                                            False)
+    if full_end < end:
+        k, v, valid = load_kv_tile(k_cache, v_cache, table_ptr, full_end, end, kv_head, stride_kb, stride_kt,
+                                   stride_kh, stride_vb, stride_vt, stride_vh, offs_n, offs_d, mask_d, PAGE, OFFS_I32)
+        acc, m_i, l_i = online_softmax_tile(q, k, v, valid, acc, m_i, l_i, qk_scale_log2, DOT_PRECISION, UPCAST,
+                                            True)
     return acc, m_i, l_i
 
 
 @triton.jit
+def whole_tiles_end(start, end, BLOCK_N: tl.constexpr):
+    """End of the whole BLOCK_N-token tiles of [start, end): the unmasked part of the range (start if empty)."""
+    return start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
+
+
+@triton.jit
+def kv_offsets(blk, tok, kv_head, stride_b, stride_t, stride_h, offs_d, PAGE: tl.constexpr, OFFS_I32: tl.constexpr):
+    """Element offsets [BLOCK_N, BLOCK_D] of tokens `tok` (in cache blocks `blk`) of one KV head.
+
+    int32 when the host found every offset of the cache below 2^31 (`offsets_fit_int32`): the 64-bit
+    multiply-adds of each element's address are a tenth of the prefix loop's instructions.
+    """
+    slot = tok % PAGE
+    if OFFS_I32:
+        row = blk * stride_b + slot * stride_t + kv_head * stride_h
+    else:
+        row = blk.to(tl.int64) * stride_b + slot * stride_t + kv_head * stride_h
+    return row[:, None] + offs_d[None, :]
+
+
+@triton.jit
+def load_kv_pages(k_cache, v_cache, blk, tok, kv_head, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+                  stride_vh, offs_d, mask_d, PAGE: tl.constexpr, EVEN_D: tl.constexpr, OFFS_I32: tl.constexpr):
+    """K and V [BLOCK_N, BLOCK_D] of tokens `tok` in blocks `blk`, all of which the caller knows to be in range.
+
+    Only head_dim is masked, and only when BLOCK_D pads it (EVEN_D false).
+    """
+    k_ptrs = k_cache + kv_offsets(blk, tok, kv_head, stride_kb, stride_kt, stride_kh, offs_d, PAGE, OFFS_I32)
+    v_ptrs = v_cache + kv_offsets(blk, tok, kv_head, stride_vb, stride_vt, stride_vh, offs_d, PAGE, OFFS_I32)
+    if EVEN_D:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    else:
+        k = tl.load(k_ptrs, mask=mask_d[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=mask_d[None, :], other=0.0)
+    return k, v
+
+
+@triton.jit
 def load_kv_tile(k_cache, v_cache, table_ptr, n0, end, kv_head, stride_kb, stride_kt, stride_kh, stride_vb,
-                 stride_vt, stride_vh, offs_n, offs_d, mask_d, PAGE: tl.constexpr):
+                 stride_vt, stride_vh, offs_n, offs_d, mask_d, PAGE: tl.constexpr, OFFS_I32: tl.constexpr):
     """K and V [BLOCK_N, BLOCK_D] of tokens [n0, n0 + BLOCK_N) through the block table (zeros past `end`)."""
     tok = n0 + offs_n
     valid = tok < end
-    # One block id per token: a tile spans several cache blocks; repeated ids hit L1.
-    blk = tl.load(table_ptr + tok // PAGE, mask=valid, other=0).to(tl.int64)
-    slot = tok % PAGE
+    blk = tl.load(table_ptr + tok // PAGE, mask=valid, other=0)
     kv_mask = valid[:, None] & mask_d[None, :]
-    k = tl.load(k_cache + blk[:, None] * stride_kb + slot[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
+    k = tl.load(k_cache + kv_offsets(blk, tok, kv_head, stride_kb, stride_kt, stride_kh, offs_d, PAGE, OFFS_I32),
                 mask=kv_mask, other=0.0)
-    v = tl.load(v_cache + blk[:, None] * stride_vb + slot[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
+    v = tl.load(v_cache + kv_offsets(blk, tok, kv_head, stride_vb, stride_vt, stride_vh, offs_d, PAGE, OFFS_I32),
                 mask=kv_mask, other=0.0)
     return k, v, valid
 
 
 @triton.jit
 def online_softmax_tile(q, k, v, valid, acc, m_i, l_i, qk_scale_log2, DOT_PRECISION: tl.constexpr,
-                        UPCAST: tl.constexpr):
-    """Fold one K/V tile ([BLOCK_N, BLOCK_D], tokens where `valid`) into the running (acc, m, l) of the rows."""
+                        UPCAST: tl.constexpr, MASKED: tl.constexpr):
+    """Fold one K/V tile ([BLOCK_N, BLOCK_D]) into the running (acc, m, l) of the rows.
+
+    With MASKED, only tokens where `valid` count; without, `valid` is ignored and every token does. The
+    scale is folded into the exponent (one FMA a score instead of a multiply and a subtract): the max
+    of the raw scores, scaled once per row, is the max of the scaled ones since the scale is positive.
+    """
     if UPCAST:
         k = k.to(tl.float32)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2  # [ROWS, BLOCK_N]
-    s = tl.where(valid[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [ROWS, BLOCK_N] raw scores
+    if MASKED:
+        s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale_log2)
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    p = tl.exp2(s * qk_scale_log2 - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     p = p.to(v.dtype)
     if UPCAST:
@@ -255,6 +316,7 @@ def _paged_decode_split_kernel(
     MERGE_PREV: tl.constexpr,
     PREV_P2: tl.constexpr,
     WAIT_PREV: tl.constexpr,
+    OFFS_I32: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -277,7 +339,7 @@ def _paged_decode_split_kernel(
     acc, m_i, l_i = attend_token_range(
         q, k_cache, v_cache, block_tables + seq.to(tl.int64) * stride_bt, start, end, kv_head,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, qk_scale_log2, offs_d, mask_d,
-        ROWS, BLOCK_N, PAGE, BLOCK_D, DOT_PRECISION, UPCAST,
+        ROWS, BLOCK_N, PAGE, BLOCK_D, HEAD_DIM, DOT_PRECISION, UPCAST, OFFS_I32,
     )
     out, lse = finish_partial(acc, m_i, l_i)
     if MERGE_PREV:
@@ -464,7 +526,8 @@ def launch_paged_splits(
         HEAD_DIM=D, GQ=gq, ROWS=max(16, triton.next_power_of_2(gq)), BLOCK_N=block_n, PAGE=page,
         BLOCK_D=max(16, triton.next_power_of_2(D)), DOT_PRECISION=dot_precision(q.dtype),
         UPCAST=upcast_dots(q.dtype), MERGE_PREV=merge_from is not None, PREV_P2=max(2, triton.next_power_of_2(num_prev)),
-        WAIT_PREV=overlap, num_warps=num_warps, num_stages=num_stages, **launch_options(overlap, maxnreg),
+        WAIT_PREV=overlap, OFFS_I32=offsets_fit_int32(k_cache, v_cache), num_warps=num_warps, num_stages=num_stages,
+        **launch_options(overlap, maxnreg),
     )
 
 
