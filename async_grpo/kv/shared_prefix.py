@@ -93,7 +93,7 @@ def prefix_programs_per_sm(tile_rows: int) -> int:
     From the compiled kernels' register counts (bf16, prefetching loop, `prefix_launch_shape`, sm_90):
     a 128-row program's accumulator, scores and two K/V tiles in flight fill half the register file
     (8 warps x 120 registers); a 64-row program (4 x 160) fits three. Tiles below MIN_TILE_ROWS, only
-    on request: 32 rows take 4 x 194 (two fit), 16 rows 4 x 146 (three).
+    on request: 32 rows take 4 x 199 (two fit), 16 rows 4 x 156 (three).
     """
     if tile_rows >= 128:
         return 2
@@ -142,17 +142,15 @@ def default_partial_dtype(dtype: torch.dtype) -> torch.dtype:
 def _attend_prefetching(q, k_cache, v_cache, table_ptr, start, end, kv_head, stride_kb, stride_kt, stride_kh,
                         stride_vb, stride_vt, stride_vh, qk_scale_log2, offs_d, mask_d, ROWS: tl.constexpr,
                         BLOCK_N: tl.constexpr, PAGE: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, OFFS_I32: tl.constexpr,
-                        TABLE_AHEAD: tl.constexpr):
+                        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, OFFS_I32: tl.constexpr):
     """`attend_token_range` with loads issued ahead of the maths that uses them.
 
     With few programs per SM (a 128-row tile holds many registers) nothing else hides memory latency,
-    so each iteration issues the next tile's K/V loads before the current tile's maths. With
-    TABLE_AHEAD their block ids were read one iteration earlier still, so neither the table round
-    trip nor the K/V one is on the loop's path (H200, prompt 4k: G 16 33.4 -> 32.6 us, G 8 39.7 ->
-    38.5); it costs registers that small tiles need for their programs per SM, so they read the ids
-    in the iteration. Tokens past `end` are clamped to the last one, so the loop's loads are in range
-    without per-token masks; only a last partial tile masks its scores.
+    so each iteration issues the next tile's K/V loads before the current tile's maths, from block ids
+    read one iteration earlier still: neither the table round trip nor the K/V one is on the loop's
+    path (H200, prompt 4k: G 16 33.4 -> 32.6 us, G 8 39.7 -> 38.5). Tokens past `end` are clamped to
+    the last one, so the loop's loads are in range without per-token masks; only a last partial tile
+    masks its scores.
     """
     m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
@@ -165,20 +163,14 @@ def _attend_prefetching(q, k_cache, v_cache, table_ptr, start, end, kv_head, str
     k_next, v_next, _ = load_kv_tile(k_cache, v_cache, table_ptr, start, end, kv_head, stride_kb, stride_kt,
                                      stride_kh, stride_vb, stride_vt, stride_vh, offs_n, offs_d, mask_d, PAGE, OFFS_I32)
     tok_next = tl.minimum(start + BLOCK_N + offs_n, last)
-    if TABLE_AHEAD:
-        blk_next = tl.load(table_ptr + tok_next // PAGE, mask=start + offs_n < end, other=0)
+    blk_next = tl.load(table_ptr + tok_next // PAGE, mask=start + offs_n < end, other=0)
     for n0 in range(start, full_end, BLOCK_N):
         k, v = k_next, v_next
-        if TABLE_AHEAD:
-            blk = blk_next
-        else:
-            blk = tl.load(table_ptr + tok_next // PAGE)
-        k_next, v_next = load_kv_pages(k_cache, v_cache, blk, tok_next, kv_head, stride_kb, stride_kt, stride_kh,
+        k_next, v_next = load_kv_pages(k_cache, v_cache, blk_next, tok_next, kv_head, stride_kb, stride_kt, stride_kh,
                                        stride_vb, stride_vt, stride_vh, offs_d, mask_d, PAGE, HEAD_DIM == BLOCK_D,
                                        OFFS_I32)
         tok_next = tl.minimum(n0 + 2 * BLOCK_N + offs_n, last)
-        if TABLE_AHEAD:
-            blk_next = tl.load(table_ptr + tok_next // PAGE)
+        blk_next = tl.load(table_ptr + tok_next // PAGE)
         acc, m_i, l_i = online_softmax_tile(q, k, v, offs_n, acc, m_i, l_i, qk_scale_log2, DOT_PRECISION, UPCAST,
                                             False)
     if full_end < end:
@@ -259,7 +251,7 @@ def _shared_prefix_kernel(
             acc, m_i, l_i = _attend_prefetching(
                 q, k_cache, v_cache, table, start, end, kv_head, stride_kb, stride_kt, stride_kh, stride_vb,
                 stride_vt, stride_vh, qk_scale_log2, offs_d, mask_d, ROWS, BLOCK_N, PAGE, BLOCK_D, HEAD_DIM,
-                DOT_PRECISION, UPCAST, OFFS_I32, ROWS >= 64,
+                DOT_PRECISION, UPCAST, OFFS_I32,
             )
         else:
             acc, m_i, l_i = attend_token_range(
