@@ -164,13 +164,16 @@ def run_shared_prefix(prompt: int, G: int, sweep: bool) -> list[dict]:
         err_shared = (shared().float() - ref.float()).abs().max().item()
         t_shared, t_shared_eager = bench_graph_ms(shared), bench_ms(shared)
         t_serial = bench_graph_ms(serial)
+        # The same step with the prefix pass on the Triton kernel, where "auto" took the Gluon one.
+        t_triton_prefix = bench_graph_ms(lambda: shared_prefix_decode_attention(
+            q, kc, vc, ptab, plens, layout, stab, slens, scale, prefix_kernel="triton", **v))
         rows.append(dict(case="shared_prefix", prompt=prompt, G=G, own=OWN_TOKENS, **v, shared_ms=t_shared,
-                         serial_launch_ms=t_serial,
+                         serial_launch_ms=t_serial, triton_prefix_ms=t_triton_prefix,
                          plain_ms=t_plain, torch_ms=t_ref, shared_eager_ms=t_shared_eager, plain_eager_ms=t_plain_eager,
                          shared_vs_plain=t_shared / t_plain, shared_vs_torch=t_shared / t_ref,
                          max_err_shared=err_shared, max_err_plain=err_plain))
         print(f"shared  prompt {prompt:5d} G {G:2d} {v or 'auto'}: shared {t_shared * 1e3:6.1f} us (serial launch "
-              f"{t_serial * 1e3:6.1f}) | plain "
+              f"{t_serial * 1e3:6.1f}, Triton prefix kernel {t_triton_prefix * 1e3:6.1f}) | plain "
               f"{t_plain * 1e3:6.1f} us | torch gather {t_ref * 1e3:7.1f} us | shared/plain {t_shared / t_plain:5.3f} | "
               f"shared/torch {t_shared / t_ref:6.4f} | eager shared {t_shared_eager * 1e3:6.1f} plain "
               f"{t_plain_eager * 1e3:6.1f} us | max err {err_shared:.2e} / {err_plain:.2e}", flush=True)

@@ -8,10 +8,11 @@ case, as a markdown table row: tokens/s of each (generated tokens / wall time, m
 --repeats after a warm-up run), their ratio, and the engine's peak KV blocks against the blocks a
 dense cache would hold (one row of prompt + new tokens per sample, rounded up to whole blocks).
 
-Cases (`--cases`, comma-separated; default all three):
+Cases (`--cases`, comma-separated; default the first three):
     16x16     16 prompts x 16 samples, 256-token prompts, 256 new tokens (the goal: >= 20x HF)
     8x8       8 prompts x 8 samples, 256 + 256
     32x16-1k  32 prompts x 16 samples, 1,024-token prompts, 256 new tokens
+    16x16-4k  16 prompts x 16 samples, 4,096-token prompts, 256 new tokens (where the Gluon prefix kernel runs)
 
 `--shared-prefix on|off|both` sets the engine's `kv.shared_prefix` (default auto); `both` times the
 engine once with the shared-prefix decode path and once without, one row each (HF runs once per case).
@@ -60,7 +61,9 @@ CASES = {
     "16x16": Case("16x16", 16, 16, 256, 256),
     "8x8": Case("8x8", 8, 8, 256, 256),
     "32x16-1k": Case("32x16-1k", 32, 16, 1024, 256),
+    "16x16-4k": Case("16x16-4k", 16, 16, 4096, 256),
 }
+DEFAULT_CASES = ("16x16", "8x8", "32x16-1k")
 QUICK = Case("quick", 2, 2, 12, 8)  # with block size 4: 3 shared prompt blocks per prompt
 
 
@@ -209,7 +212,7 @@ def table(results: list[Result], cases: dict[str, Case], also_eager: bool) -> st
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {list(CASES)}")
+    parser.add_argument("--cases", default=",".join(DEFAULT_CASES), help=f"comma-separated, from {list(CASES)}")
     parser.add_argument("--quick", action="store_true", help="tiny preset on CPU, a few tokens (smoke test)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
     parser.add_argument("--hf-repeats", type=int, default=None, help="timed HF runs (default: --repeats)")

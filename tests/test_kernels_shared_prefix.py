@@ -324,3 +324,98 @@ def test_overlapped_suffix_pass_gives_the_serial_result_bit_for_bit():
         out, lse = shared_prefix_decode_attention(case.q, case.k_cache, case.v_cache, *case.tensors(), 0.125,
                                                   overlap_passes=True, return_lse=True)
         assert torch.equal(out, serial) and torch.equal(lse, lse_serial)
+
+
+def test_prefix_kernel_choice():
+    from async_grpo.kv.gluon_prefix import hopper_prefix_supported
+    from async_grpo.kv.shared_prefix import GLUON_MIN_PREFIX_TOKENS, use_hopper_prefix
+    from async_grpo.kv.triton_paged import interpreting
+
+    case = CascadeCase([2, 1], [0, 0, 1], [5, 9, 1], 4, 2, 64, 16, torch.bfloat16, seed=0)
+    q, kc, vc = case.q, case.k_cache, case.v_cache
+    # The Gluon kernel exists only compiled on sm_90; "auto" takes it there, for long prompts only.
+    hopper = DEVICE == "cuda" and not interpreting() and torch.cuda.get_device_capability() == (9, 0)
+    assert hopper_prefix_supported(q, kc, vc) == hopper
+    assert use_hopper_prefix("auto", q, kc, vc, GLUON_MIN_PREFIX_TOKENS) == hopper
+    assert not use_hopper_prefix("auto", q, kc, vc, GLUON_MIN_PREFIX_TOKENS - 16)
+    assert not use_hopper_prefix("triton", q, kc, vc, 4 * GLUON_MIN_PREFIX_TOKENS)
+    # fp32 caches, the exactness reference, never take it.
+    assert not hopper_prefix_supported(q.float(), kc.float(), vc.float())
+    if not hopper:
+        with pytest.raises(ValueError, match="'gluon' needs a compiled sm_90 GPU"):
+            use_hopper_prefix("gluon", q, kc, vc, 4096)
+    with pytest.raises(ValueError, match="prefix_kernel = 'fast'"):
+        shared_prefix_decode_attention(q, kc, vc, *case.tensors(), 0.125, prefix_kernel="fast")
+
+
+def test_gluon_stage_size_and_split_rule():
+    from async_grpo.kv.backend import shared_prefix_splits
+    from async_grpo.kv.gluon_prefix import GLUON_PROGRAMS_PER_SM, gluon_block_n, launch_hopper_prefix
+
+    # 32 KB of K + V per stage: 128 tokens at head_dim 64, 64 at 128.
+    assert gluon_block_n(64) == 128 and gluon_block_n(128) == 64
+    # One Gluon program per SM: prompt 4k, G 16 (16 groups x 2 KV heads of 128 rows) takes 4 splits on 132 SMs,
+    # where the Triton kernel (two per SM) takes 8.
+    assert GLUON_PROGRAMS_PER_SM == 1
+    assert shared_prefix_splits(256, 16, 14, 2, 4096, num_sms=132, gluon=True) == 4
+    assert shared_prefix_splits(256, 16, 14, 2, 4096, num_sms=132) == 8
+    with pytest.raises(ValueError, match="rows = 32"):
+        launch_hopper_prefix(*([None] * 13), 32, 16)
+
+
+def _gluon_or_skip():
+    from async_grpo.kv.gluon_prefix import hopper_prefix_supported
+
+    probe = torch.zeros(1, 2, 64, dtype=torch.bfloat16, device=DEVICE)
+    if not hopper_prefix_supported(probe, probe.view(1, 1, 2, 64), probe.view(1, 1, 2, 64)):
+        pytest.skip("the Gluon prefix kernel needs a compiled sm_90 GPU")
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("gqa,G,D,splits", [(7, 16, 64, None), (7, 20, 64, 3), (4, 16, 128, None), (1, 8, 64, 16),
+                                             (8, 4, 64, 2)])
+def test_gluon_prefix_kernel_matches_reference_and_the_triton_kernel(dtype, gqa, G, D, splits):
+    # Groups with 4k / 1k+ / 2k / 16-token prompts (partial 128-token stages, empty splits) and live counts
+    # G, G-3, 1, G//2 in shuffled order; both row tiles (64 and 128 rows) and both head dims.
+    _gluon_or_skip()
+    live = [G, max(1, G - 3), 1, max(1, G // 2)]
+    seq_group = [g for g, n in enumerate(live) for _ in range(n)]
+    g = torch.Generator().manual_seed(gqa * G + D)
+    perm = torch.randperm(len(seq_group), generator=g).tolist()
+    seq_group = [seq_group[i] for i in perm]
+    suffix_lens = torch.randint(1, 300, (len(seq_group),), generator=g).tolist()
+    case = CascadeCase([256, 67, 128, 1], seq_group, suffix_lens, 2 * gqa, 2, D, 16, dtype, seed=gqa)
+    scale = D**-0.5
+    out, lse = shared_prefix_decode_attention(case.q, case.k_cache, case.v_cache, *case.tensors(), scale,
+                                              prefix_splits=splits, prefix_kernel="gluon", return_lse=True)
+    tables, lens = case.full_tables()
+    ref = reference_attention(case.q, case.k_cache, case.v_cache, tables, lens, scale)
+    torch.testing.assert_close(out.cpu().double(), ref, atol=2e-2, rtol=2e-2)
+    # Same partials as the Triton prefix kernel: the same tiles in the same order, so the same sums.
+    out_t, lse_t = shared_prefix_decode_attention(case.q, case.k_cache, case.v_cache, *case.tensors(), scale,
+                                                  prefix_splits=splits, prefix_kernel="triton", return_lse=True)
+    torch.testing.assert_close(lse, lse_t, atol=1e-4, rtol=0)
+    torch.testing.assert_close(out.float(), out_t.float(), atol=4e-3, rtol=0)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gluon_prefix_kernel_is_chosen_for_long_prompts_and_overlaps_exactly():
+    from async_grpo.kv.shared_prefix import GLUON_MIN_PREFIX_TOKENS, use_hopper_prefix
+
+    _gluon_or_skip()
+    live = [16] * 12 + [9]
+    seq_group = [g for g, n in enumerate(live) for _ in range(n)]
+    g = torch.Generator().manual_seed(5)
+    suffix_lens = torch.randint(1, 40, (len(seq_group),), generator=g).tolist()
+    case = CascadeCase([256] * 12 + [200], seq_group, suffix_lens, 14, 2, 64, 16, torch.bfloat16, seed=5)
+    assert use_hopper_prefix("auto", case.q, case.k_cache, case.v_cache, GLUON_MIN_PREFIX_TOKENS)
+    assert not use_hopper_prefix("auto", case.q, case.k_cache, case.v_cache, GLUON_MIN_PREFIX_TOKENS - 16)
+    serial, lse_serial = shared_prefix_decode_attention(case.q, case.k_cache, case.v_cache, *case.tensors(), 0.125,
+                                                        overlap_passes=False, return_lse=True)
+    for _ in range(20):  # the suffix kernel starts beside the Gluon kernel: it must still wait for every partial
+        out, lse = shared_prefix_decode_attention(case.q, case.k_cache, case.v_cache, *case.tensors(), 0.125,
+                                                  return_lse=True)
+        assert torch.equal(out, serial) and torch.equal(lse, lse_serial)

@@ -118,33 +118,43 @@ def shared_prefix_mode(requested: str, backend: str) -> str:
 
 
 def shared_prefix_splits(
-    num_rows: int, max_group_rows: int, num_q_heads: int, num_kv_heads: int, max_prefix_tokens: int, num_sms: int
+    num_rows: int,
+    max_group_rows: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    max_prefix_tokens: int,
+    num_sms: int,
+    gluon: bool = False,
 ) -> int:
     """Splits of the shared-prefix kernel for a step of `num_rows` rows, from sizes fixed per graph bucket.
 
     The kernel runs programs for every group slot, a bound fixed per graph bucket, but the rows
     usually fill about num_rows / max_group_rows groups; the other slots exit at once. Splits are
-    chosen to fit the busy ones in one wave, as `choose_prefix_splits` would for that many groups.
+    chosen to fit the busy ones in one wave, as `choose_prefix_splits` would for that many groups, of the
+    Gluon prefix kernel's programs with `gluon`, else of the Triton kernel's.
     """
+    from async_grpo.kv.gluon_prefix import GLUON_PROGRAMS_PER_SM
     from async_grpo.kv.shared_prefix import choose_prefix_splits, prefix_tile_rows
 
     rows_per_group = max_group_rows * (num_q_heads // num_kv_heads)
     tile = prefix_tile_rows(rows_per_group)
     row_tiles = -(-rows_per_group // tile)
     busy_groups = -(-num_rows // max_group_rows)
-    return choose_prefix_splits(busy_groups * row_tiles * num_kv_heads, tile, max_prefix_tokens, num_sms)
+    per_sm = GLUON_PROGRAMS_PER_SM if gluon else None
+    return choose_prefix_splits(busy_groups * row_tiles * num_kv_heads, tile, max_prefix_tokens, num_sms, per_sm)
 
 
 class TritonDecodeAttention:
     """Fused Triton kernels for decode steps (plain or shared-prefix); the torch reference for multi-token steps."""
 
     def __init__(self, pool: KVPool, meta: StepMetadata):
-        from async_grpo.kv.shared_prefix import GroupLayout, shared_prefix_decode_attention
+        from async_grpo.kv.shared_prefix import GroupLayout, shared_prefix_decode_attention, use_hopper_prefix
         from async_grpo.kv.triton_kv_write import write_kv
         from async_grpo.kv.triton_paged import DEFAULT_SM_COUNT, paged_decode_attention, sm_count
 
         self.pool, self.meta = pool, meta
         self._write_kv, self._decode, self._cascade = write_kv, paged_decode_attention, shared_prefix_decode_attention
+        self._use_hopper_prefix = use_hopper_prefix
         self._fallback = None if meta.is_decode else TorchPagedAttention(pool, meta)
         self._layout = None
         shared = meta.shared_prefix
@@ -155,6 +165,7 @@ class TritonDecodeAttention:
             dev = meta.block_tables.device
             self._num_sms = sm_count(dev.index) if dev.type == "cuda" else DEFAULT_SM_COUNT
             self._prefix_splits: int | None = None
+            self._prefix_kernel = "triton"
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self._fallback is not None:
@@ -172,17 +183,22 @@ class TritonDecodeAttention:
     ) -> torch.Tensor:
         meta, shared = self.meta, self.meta.shared_prefix
         assert shared is not None and self._layout is not None
-        if self._prefix_splits is None:
+        out_dtype = q.dtype
+        q = q.to(k_cache.dtype)
+        if self._prefix_splits is None:  # once per step: every layer has the same shapes
+            max_tokens = meta.block_tables.shape[1] * meta.block_size
+            gluon = self._use_hopper_prefix("auto", q, k_cache, v_cache, max_tokens)
+            self._prefix_kernel = "gluon" if gluon else "triton"
             self._prefix_splits = shared_prefix_splits(
-                meta.num_seqs, self._layout.max_live, q.shape[1], k_cache.shape[2],
-                meta.block_tables.shape[1] * meta.block_size, self._num_sms,
+                meta.num_seqs, self._layout.max_live, q.shape[1], k_cache.shape[2], max_tokens, self._num_sms, gluon,
             )
         g = shared.groups
         out = self._cascade(
-            q.to(k_cache.dtype), k_cache, v_cache, g.prefix_block_tables, g.prefix_lens, self._layout,
+            q, k_cache, v_cache, g.prefix_block_tables, g.prefix_lens, self._layout,
             shared.suffix_block_tables, shared.suffix_lens, scale, prefix_splits=self._prefix_splits,
+            prefix_kernel=self._prefix_kernel,
         )
-        return out.to(q.dtype)  # [B, Hq, D]
+        return out.to(out_dtype)  # [B, Hq, D]
 
 
 class FlashPagedAttention:

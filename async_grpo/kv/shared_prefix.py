@@ -33,6 +33,11 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents
 
+from async_grpo.kv.gluon_prefix import (
+    GLUON_PROGRAMS_PER_SM,
+    launch_hopper_prefix,
+    hopper_prefix_supported,
+)
 from async_grpo.kv.triton_paged import (
     DEFAULT_BLOCK_N,
     DEFAULT_SM_COUNT,
@@ -66,6 +71,11 @@ MAX_TILE_ROWS = 128
 # against 122.3 in 16-row ones (1k: 35.9 against 43.7): the padding rows cost less than the small tiles'
 # registers and dots.
 MIN_TILE_ROWS = 64
+# The prefix pass's kernels: the warp-specialized Gluon one (Hopper) or the Triton one; "auto" picks.
+PREFIX_KERNELS = ("auto", "gluon", "triton")
+# "auto" takes the Gluon kernel from prompts this long: on an H200 it won at prompt 4k (G 16: 27.1 against
+# 30.6 us for the whole step; G 8: 33.4 against 35.3) and lost a little at 1k (G 16: 17.1 against 16.5).
+GLUON_MIN_PREFIX_TOKENS = 2048
 # Prompt tokens per tile of the prefix kernel: on an H200 at prompt 4k, G 16, a grid over tiles (64, 128),
 # splits (4-32), row tiles (64, 128), warps (4, 8) and prefetching put 64 / 8 splits / 128 rows / prefetching
 # first: 38.9 us, against 41.3 without prefetching.
@@ -87,6 +97,29 @@ def prefix_launch_shape(tile_rows: int) -> tuple[int, int | None]:
     return (8, 120) if tile_rows >= 128 else (4, None)
 
 
+def use_hopper_prefix(
+    prefix_kernel: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, max_prefix_tokens: int
+) -> bool:
+    """Whether the prefix pass runs the Gluon kernel: `prefix_kernel` is one of PREFIX_KERNELS.
+
+    "auto" takes it where `hopper_prefix_supported` and the prompts may reach GLUON_MIN_PREFIX_TOKENS
+    (`max_prefix_tokens`, from the table's width: no device sync); "gluon" where it cannot run is a ValueError.
+    """
+    if prefix_kernel not in PREFIX_KERNELS:
+        raise ValueError(f"prefix_kernel = {prefix_kernel!r}: expected one of {PREFIX_KERNELS}")
+    if prefix_kernel == "triton":
+        return False
+    supported = hopper_prefix_supported(q, k_cache, v_cache)
+    if prefix_kernel == "gluon":
+        if not supported:
+            raise ValueError(
+                "prefix_kernel = 'gluon' needs a compiled sm_90 GPU, a 16-bit cache with 16-byte aligned rows "
+                "and head_dim 64 or 128"
+            )
+        return True
+    return supported and max_prefix_tokens >= GLUON_MIN_PREFIX_TOKENS
+
+
 def prefix_programs_per_sm(tile_rows: int) -> int:
     """How many prefix programs of a row tile fit on one SM at once: their registers are the limit.
 
@@ -100,18 +133,21 @@ def prefix_programs_per_sm(tile_rows: int) -> int:
     return {64: 3, 32: 2}.get(tile_rows, 3)
 
 
-def choose_prefix_splits(programs: int, tile_rows: int, max_prefix_tokens: int, num_sms: int) -> int:
+def choose_prefix_splits(
+    programs: int, tile_rows: int, max_prefix_tokens: int, num_sms: int, programs_per_sm: int | None = None
+) -> int:
     """Splits of each group's prefix so that all prefix programs run in one wave.
 
     `programs` is the count without splitting (busy groups x row tiles x KV heads). Unlike the plain
     kernel's `choose_num_splits`, this rounds down: a second, partial wave of these long programs costs
     more than the parallelism it adds (prompt 4k, G 16 on an H200: 8 splits 37.0 us, 9 splits 38.0 us;
     G 8, 64-row tiles: 6 splits 41.3 us, 8 splits 48.8 us). A split still gets at least
-    MIN_TOKENS_PER_SPLIT tokens.
+    MIN_TOKENS_PER_SPLIT tokens. `programs_per_sm` defaults to the Triton kernel's `prefix_programs_per_sm`.
     """
     if programs < 1:
         raise ValueError(f"programs = {programs}: expected at least 1")
-    by_wave = num_sms * prefix_programs_per_sm(tile_rows) // programs
+    per_sm = prefix_programs_per_sm(tile_rows) if programs_per_sm is None else programs_per_sm
+    by_wave = num_sms * per_sm // programs
     by_length = triton.cdiv(max_prefix_tokens, MIN_TOKENS_PER_SPLIT)
     return max(1, min(by_wave, by_length, MAX_SPLITS))
 
@@ -352,6 +388,7 @@ def shared_prefix_decode_attention(
     overlap_passes: bool = True,
     prefix_maxnreg: int | None = None,
     suffix_maxnreg: int | None = None,
+    prefix_kernel: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Decode attention of live sequences whose context is a group's shared prefix plus their own suffix.
 
@@ -367,7 +404,9 @@ def shared_prefix_decode_attention(
     program, overlap_passes: the suffix kernel as a programmatic dependent of the prefix kernel) are
     tuning knobs; the defaults are the fastest measured. prefix_num_warps=None takes the warps and,
     unless prefix_maxnreg is given, the register cap from `prefix_launch_shape`. partial_dtype=None
-    keeps the prefix partials in `default_partial_dtype(q.dtype)`.
+    keeps the prefix partials in `default_partial_dtype(q.dtype)`. prefix_kernel picks the prefix pass:
+    "gluon" (the warp-specialized Hopper kernel of `gluon_prefix`), "triton", or "auto" (`use_hopper_prefix`);
+    the prefix launch options above (tile sizes, warps, stages, register caps, prefetch) are the Triton kernel's.
     """
     where = "shared_prefix_decode_attention"
     B, Hq, Hkv, D, page = check_paged_inputs(q, k_cache, v_cache, where)
@@ -398,6 +437,10 @@ def shared_prefix_decode_attention(
     if B == 0:
         return (out, lse) if return_lse else out
 
+    try:
+        use_gluon = use_hopper_prefix(prefix_kernel, q, k_cache, v_cache, prefix_block_tables.shape[1] * page)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
     gq = Hq // Hkv
     rows_needed = layout.max_live * gq
     rows = prefix_tile_rows(rows_needed, max_tile_rows, min_tile_rows)
@@ -409,7 +452,8 @@ def shared_prefix_decode_attention(
     prefix_cap = prefix_maxnreg if prefix_maxnreg is not None else prefix_cap
     if prefix_splits is None:
         prefix_splits = choose_prefix_splits(
-            num_groups * row_tiles * Hkv, rows, prefix_block_tables.shape[1] * page, num_sms
+            num_groups * row_tiles * Hkv, rows, prefix_block_tables.shape[1] * page, num_sms,
+            GLUON_PROGRAMS_PER_SM if use_gluon else None,
         )
     if suffix_splits is None:
         suffix_splits = choose_num_splits(B * Hkv, suffix_block_tables.shape[1] * page, num_sms)
@@ -427,22 +471,28 @@ def shared_prefix_decode_attention(
         partial_dtype = default_partial_dtype(q.dtype)
     part_out = torch.empty(B, Hq, total_splits, D, device=q.device, dtype=partial_dtype)  # [B, Hq, Sp (+ Ss), D]
     part_lse = torch.empty(B, Hq, total_splits, device=q.device, dtype=torch.float32)  # [B, Hq, Sp (+ Ss)]
-    _shared_prefix_kernel[(num_groups * row_tiles, Hkv, prefix_splits)](
-        q, k_cache, v_cache, prefix_block_tables, prefix_lens, layout.order, layout.starts, layout.counts,
-        part_out, part_lse,
-        scale * LOG2E, prefix_splits, row_tiles,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        prefix_block_tables.stride(0),
-        part_out.stride(0), part_out.stride(1), part_out.stride(2),
-        part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
-        HEAD_DIM=D, GQ=gq, ROWS=rows, BLOCK_N=prefix_block_n, PAGE=page,
-        BLOCK_D=max(16, triton.next_power_of_2(D)), DOT_PRECISION=dot_precision(q.dtype),
-        UPCAST=upcast_dots(q.dtype), PREFETCH=prefix_prefetch, LAUNCH_DEPENDENTS=overlap,
-        OFFS_I32=offsets_fit_int32(k_cache, v_cache),
-        num_stages=prefix_num_stages, num_warps=prefix_warps, **launch_options(maxnreg=prefix_cap),
-    )
+    if use_gluon:
+        launch_hopper_prefix(
+            q, k_cache, v_cache, prefix_block_tables, prefix_lens, layout.order, layout.starts, layout.counts,
+            part_out, part_lse, scale * LOG2E, prefix_splits, row_tiles, rows, page, launch_dependents=overlap,
+        )
+    else:
+        _shared_prefix_kernel[(num_groups * row_tiles, Hkv, prefix_splits)](
+            q, k_cache, v_cache, prefix_block_tables, prefix_lens, layout.order, layout.starts, layout.counts,
+            part_out, part_lse,
+            scale * LOG2E, prefix_splits, row_tiles,
+            q.stride(0), q.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            prefix_block_tables.stride(0),
+            part_out.stride(0), part_out.stride(1), part_out.stride(2),
+            part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
+            HEAD_DIM=D, GQ=gq, ROWS=rows, BLOCK_N=prefix_block_n, PAGE=page,
+            BLOCK_D=max(16, triton.next_power_of_2(D)), DOT_PRECISION=dot_precision(q.dtype),
+            UPCAST=upcast_dots(q.dtype), PREFETCH=prefix_prefetch, LAUNCH_DEPENDENTS=overlap,
+            OFFS_I32=offsets_fit_int32(k_cache, v_cache),
+            num_stages=prefix_num_stages, num_warps=prefix_warps, **launch_options(maxnreg=prefix_cap),
+        )
     if suffix_splits == 1:
         launch_paged_splits(
             q, k_cache, v_cache, suffix_block_tables, suffix_lens, scale, 1, out.unsqueeze(2), lse.unsqueeze(2),
