@@ -294,7 +294,8 @@ if GLUON_IMPORTED:
             gl.warp_specialize([
                 (_consume, (q_ptr, out_ptr, lse_ptr, group_order, first, count, row0, kv_head, split, start, end,
                             qk_scale_log2, stride_qb, stride_qh, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-                            stride_ls, k_bufs, v_bufs, full_bars, empty_bars, q_bufs.index(0), HEAD_DIM, GQ, BLOCK_N, STAGES)),
+                            stride_ls, k_bufs, v_bufs, full_bars, empty_bars, q_bufs.index(0), HEAD_DIM, GQ, BLOCK_N,
+                            STAGES)),
                 (_consume, (q_ptr, out_ptr, lse_ptr, group_order, first, count, row0 + 64, kv_head, split, start,
                             end, qk_scale_log2, stride_qb, stride_qh, stride_ob, stride_oh, stride_os, stride_lb,
                             stride_lh, stride_ls, k_bufs, v_bufs, full_bars, empty_bars, q_bufs.index(1), HEAD_DIM, GQ,

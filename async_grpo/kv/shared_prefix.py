@@ -444,6 +444,10 @@ def shared_prefix_decode_attention(
     gq = Hq // Hkv
     rows_needed = layout.max_live * gq
     rows = prefix_tile_rows(rows_needed, max_tile_rows, min_tile_rows)
+    if use_gluon and rows not in (64, 128):  # its consumers are whole 64-row warpgroups
+        if prefix_kernel == "gluon":
+            raise ValueError(f"{where}: prefix_kernel = 'gluon' needs 64- or 128-row tiles, not {rows}")
+        use_gluon = False
     row_tiles = triton.cdiv(rows_needed, rows)
     num_sms = sm_count(q.device.index) if q.device.type == "cuda" else DEFAULT_SM_COUNT
     prefix_warps, prefix_cap = prefix_launch_shape(rows)
