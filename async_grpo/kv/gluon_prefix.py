@@ -23,7 +23,6 @@ Triton kernel, checked on the CPU, is its reference.
 from __future__ import annotations
 
 import torch
-import triton
 
 try:  # Gluon ships with Triton 3.4+; without it only the Triton prefix kernel exists.
     from triton.experimental import gluon
