@@ -34,11 +34,13 @@ try:  # Gluon ships with Triton 3.4+; without it only the Triton prefix kernel e
         warpgroup_mma,
     )
 
+    from triton.language.extra.cuda import gdc_launch_dependents
+
     GLUON_IMPORTED = True
 except ImportError:  # pragma: no cover - depends on the installed Triton
     GLUON_IMPORTED = False
 
-from async_grpo.kv.triton_paged import interpreting, offsets_fit_int32
+from async_grpo.kv.triton_paged import interpreting, offsets_fit_int32, split_range
 
 # Stages of the K/V ring, and prompt tokens per stage: 32 KB of K/V a stage at head_dim 64 (128 tokens), as at
 # head_dim 128 (64 tokens), so three stages and Q stay within shared memory. On an H200 at prompt 4k, G 16 the
@@ -139,11 +141,8 @@ if GLUON_IMPORTED:
         per_row = min(32, cols // 8)
         return gl.BlockedLayout([1, 8], [32 // per_row, per_row], [num_warps, 1], [1, 0])
 
-    @gluon.jit
-    def _gdc_launch_dependents():
-        # Lets the suffix kernel (the programmatic dependent) start on the room this grid leaves.
-        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
-                                  is_pure=False, pack=1)
+    # The Triton kernels' split rule, compiled as Gluon: both prefix kernels must cut a prompt the same way.
+    _split_range = gluon.jit(split_range.fn)
 
     @gluon.jit
     def _produce(k_cache, v_cache, table, start, end, kv_head, stride_kb, stride_kt, stride_kh, stride_vb,
@@ -260,7 +259,8 @@ if GLUON_IMPORTED:
         PRODUCER_WARPS_: gl.constexpr, PRODUCER_REGS_: gl.constexpr, CONSUMER_REGS: gl.constexpr,
     ):
         if LAUNCH_DEPENDENTS:
-            _gdc_launch_dependents()
+            # Lets the suffix kernel (the programmatic dependent) start on the room this grid leaves.
+            gdc_launch_dependents()
         group = gl.program_id(0) // row_tiles
         tile = gl.program_id(0) % row_tiles
         kv_head = gl.program_id(1)
@@ -268,9 +268,7 @@ if GLUON_IMPORTED:
         count = gl.load(group_counts + group)
         first = gl.load(group_starts + group)
         plen = gl.load(prefix_lens + group)
-        chunk = gl.cdiv(gl.cdiv(plen, num_splits), BLOCK_N) * BLOCK_N
-        start = split * chunk
-        end = gl.minimum(start + chunk, plen)
+        start, end = _split_range(plen, split, num_splits, BLOCK_N)
         # A row tile past the group's live rows has nothing to attend: an empty range, and no rows to store.
         end = gl.where(tile * ROWS < count * GQ, end, start)
         table = prefix_tables + group.to(gl.int64) * stride_pt
