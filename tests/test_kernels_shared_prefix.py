@@ -318,11 +318,13 @@ def test_overlapped_suffix_pass_gives_the_serial_result_bit_for_bit():
     g = torch.Generator().manual_seed(3)
     suffix_lens = torch.randint(1, 40, (len(seq_group),), generator=g).tolist()
     case = CascadeCase([256] * 24 + [64, 8], seq_group, suffix_lens, 14, 2, 64, 16, torch.bfloat16, seed=3)
+    # The Triton prefix kernel here ("auto" may take the Gluon one, whose overlap the test below checks): the
+    # suffix programs then have one launch shape whether or not they overlap the prefix pass.
     serial, lse_serial = shared_prefix_decode_attention(case.q, case.k_cache, case.v_cache, *case.tensors(), 0.125,
-                                                        overlap_passes=False, return_lse=True)
+                                                        overlap_passes=False, return_lse=True, prefix_kernel="triton")
     for _ in range(20):  # a missing wait shows as a race, so run it several times
         out, lse = shared_prefix_decode_attention(case.q, case.k_cache, case.v_cache, *case.tensors(), 0.125,
-                                                  overlap_passes=True, return_lse=True)
+                                                  overlap_passes=True, return_lse=True, prefix_kernel="triton")
         assert torch.equal(out, serial) and torch.equal(lse, lse_serial)
 
 
@@ -361,6 +363,25 @@ def test_gluon_stage_size_and_split_rule():
     assert shared_prefix_splits(256, 16, 14, 2, 4096, num_sms=132) == 8
     with pytest.raises(ValueError, match="rows = 32"):
         launch_hopper_prefix(*([None] * 13), 32, 16)
+
+
+def test_suffix_programs_are_small_enough_for_four_beside_a_gluon_program():
+    from async_grpo.kv.gluon_prefix import GLUON_MAXNREG, PRODUCER_WARPS
+    from async_grpo.kv.shared_prefix import SUFFIX_NUM_STAGES, suffix_launch_shape
+    from async_grpo.kv.triton_paged import DEFAULT_BLOCK_N
+
+    register_file = 64 * 1024  # 32-bit registers of an SM (sm_90)
+    for rows in (64, 128):
+        gluon_threads = (rows // 64 * 4 + PRODUCER_WARPS) * 32
+        room = register_file - gluon_threads * GLUON_MAXNREG
+        for head_dim in (64, 128):
+            warps, tokens, stages, cap = suffix_launch_shape(rows, head_dim)
+            assert cap is not None and 4 * warps * 32 * cap <= room, (rows, head_dim)
+            assert stages >= 2 and tokens >= 16 and tokens & (tokens - 1) == 0
+            # The same K/V bytes a tile at either head_dim, so the same registers hold them.
+            assert tokens * head_dim == suffix_launch_shape(rows, 64)[1] * 64
+    # Without the Gluon kernel nothing runs beside the prefix programs: the 4-warp one-stage programs.
+    assert suffix_launch_shape(None) == (4, DEFAULT_BLOCK_N, SUFFIX_NUM_STAGES, None)
 
 
 def _gluon_or_skip():
@@ -403,7 +424,7 @@ def test_gluon_prefix_kernel_matches_reference_and_the_triton_kernel(dtype, gqa,
 @gpu
 @pytest.mark.gpu
 def test_gluon_prefix_kernel_is_chosen_for_long_prompts_and_overlaps_exactly():
-    from async_grpo.kv.shared_prefix import GLUON_MIN_PREFIX_TOKENS, use_hopper_prefix
+    from async_grpo.kv.shared_prefix import GLUON_MIN_PREFIX_TOKENS, suffix_launch_shape, use_hopper_prefix
 
     _gluon_or_skip()
     live = [16] * 12 + [9]
@@ -413,8 +434,12 @@ def test_gluon_prefix_kernel_is_chosen_for_long_prompts_and_overlaps_exactly():
     case = CascadeCase([256] * 12 + [200], seq_group, suffix_lens, 14, 2, 64, 16, torch.bfloat16, seed=5)
     assert use_hopper_prefix("auto", case.q, case.k_cache, case.v_cache, GLUON_MIN_PREFIX_TOKENS)
     assert not use_hopper_prefix("auto", case.q, case.k_cache, case.v_cache, GLUON_MIN_PREFIX_TOKENS - 16)
-    serial, lse_serial = shared_prefix_decode_attention(case.q, case.k_cache, case.v_cache, *case.tensors(), 0.125,
-                                                        overlap_passes=False, return_lse=True)
+    # Serially, the same small suffix programs that "auto" launches beside the Gluon kernel (128-row tiles).
+    warps, tokens, stages, cap = suffix_launch_shape(128, 64)
+    serial, lse_serial = shared_prefix_decode_attention(
+        case.q, case.k_cache, case.v_cache, *case.tensors(), 0.125, overlap_passes=False, return_lse=True,
+        block_n=tokens, suffix_num_warps=warps, suffix_num_stages=stages, suffix_maxnreg=cap,
+    )
     for _ in range(20):  # the suffix kernel starts beside the Gluon kernel: it must still wait for every partial
         out, lse = shared_prefix_decode_attention(case.q, case.k_cache, case.v_cache, *case.tensors(), 0.125,
                                                   return_lse=True)

@@ -53,9 +53,10 @@ STAGE_KV_BYTES = 32 * 1024
 PRODUCER_WARPS = 4
 PRODUCER_REGS = 56
 CONSUMER_REGS = 160
-# The launch's registers per thread: 12 warps x 128 leave a quarter of the register file, so one program of the
-# suffix pass (launched as this kernel's programmatic dependent) runs beside each prefix program. Prompt 4k, G 16:
-# 27.1 us for the whole step against 29.3 without the cap (the prefix pass alone 14.5 against 14.2).
+# The launch's registers per thread: 12 warps x 128 leave a quarter of the register file for programs of the
+# suffix pass (launched as this kernel's programmatic dependent) beside each prefix program: four of one warp
+# (`shared_prefix.suffix_launch_shape`). Prompt 4k, G 16, with 4-warp suffix programs (one beside): 27.1 us for
+# the whole step against 29.3 without the cap (the prefix pass alone 14.5 against 14.2).
 GLUON_MAXNREG = 128
 # Programs per SM: one (12 warps and ~130 KB of shared memory), so the splits fill one wave of SMs.
 GLUON_PROGRAMS_PER_SM = 1

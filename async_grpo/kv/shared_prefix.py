@@ -16,7 +16,9 @@ the two disjoint token sets and merges them exactly:
 In the usual case the suffix kernel is launched as the prefix kernel's programmatic dependent (Hopper
 and later): its programs start as soon as prefix programs leave room, attend their own tokens, and
 wait for the whole prefix kernel (`gdc_wait`) only before reading its partials, so the second launch's
-start-up and the prefix kernel's last programs overlap instead of adding up.
+start-up and the prefix kernel's last programs overlap instead of adding up. Beside the Gluon prefix kernel
+the suffix programs are small (`suffix_launch_shape`) so that nearly all of them fit on the room it leaves
+and attend their tokens while the prefix pass runs.
 
 The engine passes only live sequences, so a group may have any number of live samples from 1 to G
 (or none, then its programs exit at once); `seq_group` says which group each live sequence is in,
@@ -73,8 +75,9 @@ MAX_TILE_ROWS = 128
 MIN_TILE_ROWS = 64
 # The prefix pass's kernels: the warp-specialized Gluon one (Hopper) or the Triton one; "auto" picks.
 PREFIX_KERNELS = ("auto", "gluon", "triton")
-# "auto" takes the Gluon kernel from prompts this long: on an H200 it won at prompt 4k (G 16: 27.1 against
-# 30.6 us for the whole step; G 8: 33.4 against 35.3) and lost a little at 1k (G 16: 17.1 against 16.5).
+# "auto" takes the Gluon kernel from prompts this long: on an H200 it won at prompt 4k (G 16: 23.8 against
+# 30.5 us for the whole step, with the small suffix programs beside it; G 8: 30.2 against 35.4) and lost a
+# little at 1k (G 16, before those: 17.1 against 16.5).
 GLUON_MIN_PREFIX_TOKENS = 2048
 # Prompt tokens per tile of the prefix kernel: on an H200 at prompt 4k, G 16, a grid over tiles (64, 128),
 # splits (4-32), row tiles (64, 128), warps (4, 8) and prefetching put 64 / 8 splits / 128 rows / prefetching
@@ -95,6 +98,30 @@ def prefix_launch_shape(tile_rows: int) -> tuple[int, int | None]:
     fit three programs of 4 warps; 8 warps made them slower (4k G 8: 53.8 against 39.9 us).
     """
     return (8, 120) if tile_rows >= 128 else (4, None)
+
+
+def suffix_launch_shape(gluon_rows: int | None, head_dim: int = 64) -> tuple[int, int, int, int | None]:
+    """(warps, tokens per tile, pipeline stages, register cap) of the suffix pass's programs.
+
+    `gluon_rows` is the row tile of the Gluon prefix kernel the suffix pass runs beside (launched as its
+    programmatic dependent), None without one. A suffix program attends its sample's own tokens, then
+    waits for the whole prefix pass before merging, holding its room on the SM. Beside a Gluon program
+    (12 warps x 128 registers for 128-row tiles, 8 x 128 for 64-row ones) that room is what its register
+    cap leaves, so the programs are made small enough that four fit in it: nearly every sample's own
+    tokens are then attended while the prefix pass runs, and only the merge is left for after it. On an
+    H200 at prompt 4k (same runs): G 16, 1 warp x 64-token tiles 23.6 us, 1 x 32 25.1, 2 x 32 30.9,
+    against 27.1 with the 4-warp programs (one fits beside, the rest start after the prefix pass); G 8,
+    2 warps x 32-token tiles 29.7 us, 1 x 32 30.3, 1 x 64 32.1, against 33.4. Two stages let the compiler
+    overlap a tile's loads with the last one's maths (G 16: 25.2 against 31.6 with one). Without the Gluon
+    kernel there is no room beside the prefix programs, and the one-stage 4-warp programs (22 KB of shared
+    memory each) were the fastest after them. The tiles beside it hold the same bytes at any head_dim
+    (half the tokens at 128), so they fit the same registers; head_dim 128 and prompts of 2k are untimed.
+    """
+    if gluon_rows == 128:
+        return 1, max(16, 64 * 64 // head_dim), 2, 128
+    if gluon_rows == 64:
+        return 2, max(16, 32 * 64 // head_dim), 2, 128
+    return 4, DEFAULT_BLOCK_N, SUFFIX_NUM_STAGES, None
 
 
 def use_hopper_prefix(
@@ -375,14 +402,14 @@ def shared_prefix_decode_attention(
     prefix_splits: int | None = None,
     suffix_splits: int | None = None,
     return_lse: bool = False,
-    block_n: int = DEFAULT_BLOCK_N,
+    block_n: int | None = None,
     prefix_block_n: int = PREFIX_BLOCK_N,
     max_tile_rows: int = MAX_TILE_ROWS,
     min_tile_rows: int = MIN_TILE_ROWS,
     prefix_num_warps: int | None = None,
     prefix_num_stages: int = 2,
-    suffix_num_warps: int = 4,
-    suffix_num_stages: int = SUFFIX_NUM_STAGES,
+    suffix_num_warps: int | None = None,
+    suffix_num_stages: int | None = None,
     partial_dtype: torch.dtype | None = None,
     prefix_prefetch: bool = True,
     overlap_passes: bool = True,
@@ -404,7 +431,9 @@ def shared_prefix_decode_attention(
     program, overlap_passes: the suffix kernel as a programmatic dependent of the prefix kernel) are
     tuning knobs; the defaults are the fastest measured. prefix_num_warps=None takes the warps and,
     unless prefix_maxnreg is given, the register cap from `prefix_launch_shape`. partial_dtype=None
-    keeps the prefix partials in `default_partial_dtype(q.dtype)`. prefix_kernel picks the prefix pass:
+    keeps the prefix partials in `default_partial_dtype(q.dtype)`. The suffix pass's options (block_n,
+    suffix_num_warps, suffix_num_stages, suffix_maxnreg) left None take `suffix_launch_shape`'s values for
+    the prefix kernel chosen. prefix_kernel picks the prefix pass:
     "gluon" (the warp-specialized Hopper kernel of `gluon_prefix`), "triton", or "auto" (`use_hopper_prefix`);
     the prefix launch options above (tile sizes, warps, stages, register caps, prefetch) are the Triton kernel's.
     """
@@ -419,7 +448,7 @@ def shared_prefix_decode_attention(
     check_table(suffix_block_tables, suffix_lens, B, "suffix", where)
     for name, value in (("block_n", block_n), ("prefix_block_n", prefix_block_n), ("max_tile_rows", max_tile_rows),
                         ("min_tile_rows", min_tile_rows)):
-        if value < 16 or value & (value - 1):
+        if value is not None and (value < 16 or value & (value - 1)):
             raise ValueError(f"{where}: {name} = {value}: expected a power of two >= 16")
     if isinstance(seq_group, torch.Tensor):
         if seq_group.shape != (B,):
@@ -468,6 +497,12 @@ def shared_prefix_decode_attention(
     # It then starts as the prefix kernel's programmatic dependent, attending its own tokens on the room
     # the prefix programs leave, and waits for the prefix partials only before merging them.
     overlap = overlap_passes and suffix_splits == 1 and programmatic_launch_available(q.device)
+    # The suffix programs' shape: small ones beside the Gluon kernel (see suffix_launch_shape); given options win.
+    warps, tile, stages, cap = suffix_launch_shape(rows if use_gluon and overlap else None, D)
+    suffix_num_warps = warps if suffix_num_warps is None else suffix_num_warps
+    block_n = tile if block_n is None else block_n
+    suffix_num_stages = stages if suffix_num_stages is None else suffix_num_stages
+    suffix_maxnreg = cap if suffix_maxnreg is None else suffix_maxnreg
     total_splits = prefix_splits + (suffix_splits if suffix_splits > 1 else 0)
     if suffix_splits > 1:
         partial_dtype = torch.float32  # the merge kernel reads fp32 partials
