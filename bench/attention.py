@@ -229,8 +229,9 @@ def tune_shared_prefix(prompt: int, G: int) -> list[dict]:
     for ms, options in results[:6]:
         print(f"  prefix grid {ms * 1e3:6.1f} us ratio {ms / t_plain:.3f} {options}", flush=True)
     best_prefix = results[0][1]
+    # One-warp programs with small tiles are what fits beside the Gluon prefix kernel (suffix_launch_shape).
     suffix_grid = [dict(best_prefix, block_n=b, suffix_num_warps=w, suffix_num_stages=st, partial_dtype=dt)
-                   for b in (64, 128) for w in (2, 4) for st in (1, 2) for dt in (torch.float32, torch.bfloat16)]
+                   for b in (32, 64, 128) for w in (1, 2, 4) for st in (1, 2) for dt in (torch.float32, torch.bfloat16)]
 
     results = []
     for options in suffix_grid:

@@ -110,7 +110,7 @@ def suffix_launch_shape(gluon_rows: int | None, head_dim: int = 64) -> tuple[int
     cap leaves, so the programs are made small enough that four fit in it: nearly every sample's own
     tokens are then attended while the prefix pass runs, and only the merge is left for after it. On an
     H200 at prompt 4k (same runs): G 16, 1 warp x 64-token tiles 23.6 us, 1 x 32 25.1, 2 x 32 30.9,
-    against 27.1 with the 4-warp programs (one fits beside, the rest start after the prefix pass); G 8,
+    against 27.1 with the 4-warp programs (at most one beside, the rest start after the prefix pass); G 8,
     2 warps x 32-token tiles 29.7 us, 1 x 32 30.3, 1 x 64 32.1, against 33.4. Two stages let the compiler
     overlap a tile's loads with the last one's maths (G 16: 25.2 against 31.6 with one). Without the Gluon
     kernel there is no room beside the prefix programs, and the one-stage 4-warp programs (22 KB of shared
